@@ -1,0 +1,177 @@
+"""The decoding loop: draft -> tree -> verify -> accept, until EOS, max_new_tokens or the context limit.
+
+Invariant between steps: the KV cache holds every token of `tokens` except the last one, the
+"root", which the next verification forward runs together with the draft tree. Every accepted
+token is one the base model chose greedily, so the output equals plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ctcspec.accept import accept_longest_path, compact_cache
+from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.errors import CtcspecError
+from ctcspec.tree import TokenTree
+from ctcspec.verify import node_parents, prefill, verify_tree
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    steps: int = 0              # base-model forwards, prefill included (vanilla: one per token)
+    drafted_nodes: int = 0      # draft tokens sent to verification
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    bookkeeping_s: float = 0.0  # tree building, acceptance, cache compaction, stop checks
+    total_s: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def beta(self) -> float:
+        """Mean tokens per base forward (the paper's beta; vanilla gives 1.0)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s else 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return self.draft_s + self.verify_s + self.bookkeeping_s
+
+    def to_dict(self) -> dict:
+        decode = self.decode_s or 1.0
+        return {**asdict(self), "beta": self.beta, "tokens_per_s": self.tokens_per_s,
+                "draft_share": self.draft_s / decode, "verify_share": self.verify_s / decode,
+                "bookkeeping_share": self.bookkeeping_s / decode}
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def eos_ids_of(model: torch.nn.Module) -> frozenset[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    tokens: list[int]              # accepted draft tokens, then the base model's next token
+    path: list[int]                # verification nodes kept (0 = root)
+    hidden: torch.Tensor | None    # base hidden states of the kept nodes, if asked for
+    verify_s: float                # time of the base forward alone
+
+
+def speculative_step(model: torch.nn.Module, cache: DynamicCache, tokens: torch.Tensor, tree: TokenTree,
+                     want_hidden: bool = False) -> StepOutcome:
+    """One verify-and-accept step. `cache` holds tokens[:-1]; afterwards it holds the accepted path too."""
+    past_len = len(tokens) - 1
+    root = int(tokens[-1])
+    start = time.perf_counter()
+    verified = verify_tree(model, cache, root, tree, past_len, want_hidden=want_hidden)
+    verify_s = time.perf_counter() - start
+    accepted = accept_longest_path([root, *tree.tokens], node_parents(tree), verified.greedy)
+    compact_cache(cache, past_len, accepted.path)
+    hidden = verified.hidden[accepted.path] if want_hidden else None
+    return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
+
+
+def cache_capacity(cache: DynamicCache, max_context: int) -> int:
+    """Entries the cache may hold: sliding-window layers must never drop a key the tree might need."""
+    windows = [layer.sliding_window for layer in cache.layers if getattr(layer, "is_sliding", False)]
+    return min([max_context, *(w - 1 for w in windows)])
+
+
+class SpeculativeEngine:
+    """Greedy speculative decoding of one sequence with any `Drafter`."""
+
+    def __init__(self, model: torch.nn.Module, drafter: Drafter, max_context: int | None = None,
+                 eos_token_ids: Sequence[int] | None = None, max_tree_nodes: int = 64):
+        self.model = model
+        self.drafter = drafter
+        self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.eos = frozenset(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model)
+        self.max_tree_nodes = max_tree_nodes
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` greedily; `on_tokens` gets each step's new tokens."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise CtcspecError("the prompt is empty")
+        stats = GenerationStats()
+        result = GenerationResult([], stats)
+        if max_new_tokens <= 0:
+            stats.stop_reason = "max_new_tokens"
+            return result
+        cache = DynamicCache(config=self.model.config)
+        max_context = cache_capacity(cache, self.max_context)
+        if len(prompt) >= max_context:
+            raise CtcspecError(f"the prompt has {len(prompt)} tokens; the model's context holds "
+                               f"{max_context}, leaving no room to generate")
+        budget = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
+        hidden = self.drafter.needs_hidden_states
+        start = time.perf_counter()
+        self.drafter.reset()
+        first = prefill(self.model, cache, prompt, want_hidden=hidden)
+        stats.steps = 1
+        stats.prefill_s = time.perf_counter() - start
+        tokens = torch.tensor(prompt + first.greedy)
+        new_hidden = first.hidden
+        stop = self._emit(result, first.greedy, budget, on_tokens)
+
+        while not stop:
+            t0 = time.perf_counter()
+            room = max_context - len(tokens)  # the cache never holds more than max_context entries
+            request = DraftRequest(tokens, max_depth=room, new_hidden=new_hidden)
+            tree = self.drafter.propose(request)
+            t1 = time.perf_counter()
+            tree = tree.truncated(min(self.max_tree_nodes, room), room)
+            t2 = time.perf_counter()
+            step = speculative_step(self.model, cache, tokens, tree, want_hidden=hidden)
+            t3 = time.perf_counter()
+            new_hidden = step.hidden
+            tokens = torch.cat([tokens, torch.tensor(step.tokens)])
+            stop = self._emit(result, step.tokens, budget, on_tokens)
+            t4 = time.perf_counter()
+            stats.steps += 1
+            stats.drafted_nodes += len(tree)
+            stats.draft_s += t1 - t0
+            stats.verify_s += step.verify_s
+            stats.bookkeeping_s += (t2 - t1) + (t3 - t2 - step.verify_s) + (t4 - t3)
+        if stats.stop_reason == "max_new_tokens" and budget < max_new_tokens:
+            stats.stop_reason = "context_limit"
+        stats.total_s = time.perf_counter() - start
+        return result
+
+    def _emit(self, result: GenerationResult, new: list[int], budget: int,
+              on_tokens: Callable[[list[int]], None] | None) -> bool:
+        """Append accepted tokens, cut at EOS or max_new_tokens; True when generation must stop."""
+        new = new[: budget - len(result.tokens)]
+        for i, token in enumerate(new):
+            if token in self.eos:
+                new = new[: i + 1]
+                result.stats.stop_reason = "eos"
+                break
+        result.tokens.extend(new)
+        result.stats.new_tokens = len(result.tokens)
+        if on_tokens and new:
+            on_tokens(new)
+        if not result.stats.stop_reason and len(result.tokens) >= budget:
+            result.stats.stop_reason = "max_new_tokens"
+        return bool(result.stats.stop_reason)
+
+
+__all__ = ["GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree"]

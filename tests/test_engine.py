@@ -1,0 +1,116 @@
+"""Engine steps with hand-built trees: acceptance, positions and the compacted KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import hf_greedy, tiny_model
+from ctcspec.accept import accept_longest_path
+from ctcspec.engine import speculative_step
+from ctcspec.tree import ROOT, TokenTree
+from ctcspec.verify import prefill
+
+PROMPT = [5, 17, 42, 8, 91, 33, 7, 60, 12]
+
+
+def start(model, prompt=PROMPT):
+    """Cache over prompt[:-1]... as the engine keeps it: everything but the root."""
+    cache = DynamicCache(config=model.config)
+    first = prefill(model, cache, prompt)
+    return cache, torch.tensor(prompt + first.greedy)
+
+
+def plain_cache(model, tokens: list[int]) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True)
+    return cache
+
+
+def assert_cache_equals_plain_forward(model, cache, tokens: list[int]):
+    reference = plain_cache(model, tokens)
+    assert cache.get_seq_length() == len(tokens)
+    for got, want in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.values, want.values, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model_and_truth(request):
+    model = tiny_model(request.param, seed=3)
+    return model, hf_greedy(model, PROMPT, 40)
+
+
+def wrong(token: int) -> int:
+    return (token + 7) % 96
+
+
+def test_accept_longest_path_walks_greedy_children():
+    #            root  a  b  c  d
+    tokens = [0, 10, 11, 20, 12]
+    parents = [-1, 0, 1, 0, 2]
+    greedy = [10, 11, 12, 99, 13]   # root->10, 10->11, 11->12, 12->13 (bonus)
+    acc = accept_longest_path(tokens, parents, greedy)
+    assert acc.path == [0, 1, 2, 4]
+    assert acc.tokens == [10, 11, 12, 13]
+
+
+def test_no_draft_accepted_gives_one_token(model_and_truth):
+    model, truth = model_and_truth
+    cache, tokens = start(model)
+    tree = TokenTree.from_sequences([[wrong(truth[1])], [wrong(truth[1]) + 1, truth[2]]])
+    step = speculative_step(model, cache, tokens, tree)
+    assert step.tokens == [truth[1]] and step.path == [0]
+    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:1])
+
+
+def test_whole_deep_chain_accepted(model_and_truth):
+    model, truth = model_and_truth
+    cache, tokens = start(model)
+    step = speculative_step(model, cache, tokens, TokenTree.chain(truth[1:13]))
+    assert step.tokens == truth[1:14]
+    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:13])
+
+
+def test_branching_tree_accepts_the_right_branch(model_and_truth):
+    model, truth = model_and_truth
+    cache, tokens = start(model)
+    # The correct branch is inserted last, so its nodes are not a contiguous prefix of the tree.
+    tree = TokenTree.from_sequences([
+        [wrong(truth[1]), truth[2], truth[3]],
+        [truth[1], wrong(truth[2])],
+        [truth[1], truth[2], wrong(truth[3]), truth[4]],
+        [truth[1], truth[2], truth[3], truth[4]],
+    ])
+    step = speculative_step(model, cache, tokens, tree)
+    assert step.tokens == truth[1:6]
+    assert step.path != list(range(len(step.path)))
+    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:5])
+
+
+def test_duplicate_prefixes_are_verified_once(model_and_truth):
+    model, truth = model_and_truth
+    raw = TokenTree((truth[1], truth[1], truth[2], truth[2], truth[3]), (ROOT, ROOT, 0, 1, 3))
+    tree = raw.deduplicated()
+    assert len(tree) == 3
+    cache, tokens = start(model)
+    step = speculative_step(model, cache, tokens, tree)
+    assert step.tokens == truth[1:5]
+
+
+def test_cache_after_many_mixed_steps_equals_one_plain_forward(model_and_truth):
+    model, truth = model_and_truth
+    cache, tokens = start(model)
+    produced = tokens.tolist()
+    gen = torch.Generator().manual_seed(0)
+    while len(produced) - len(PROMPT) < 30:
+        done = len(produced) - len(PROMPT)
+        right = truth[done: done + int(torch.randint(0, 5, (1,), generator=gen))]
+        noise = torch.randint(0, 96, (3,), generator=gen).tolist()
+        tree = TokenTree.from_sequences([noise, right + noise[:1], right[:1] + [wrong(t) for t in right[1:]]])
+        step = speculative_step(model, cache, torch.tensor(produced), tree)
+        produced += step.tokens
+    assert produced[len(PROMPT):] == truth[: len(produced) - len(PROMPT)]
+    assert_cache_equals_plain_forward(model, cache, produced[:-1])

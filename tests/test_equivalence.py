@@ -1,0 +1,136 @@
+"""The first promise: output token-identical to transformers' greedy generate, for every drafter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, hf_greedy, tiny_model
+from ctcspec.drafters import DRAFTERS, make_drafter
+from ctcspec.drafters.base import DraftRequest, Drafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.tree import TokenTree
+
+
+class RandomTreeDrafter(Drafter):
+    """Adversarial drafter: random branching trees, nearly always wrong."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def reset(self) -> None:
+        self.gen = torch.Generator().manual_seed(self.seed)
+
+    def propose(self, request: DraftRequest) -> TokenTree:
+        seqs = [torch.randint(0, VOCAB, (4,), generator=self.gen).tolist() for _ in range(3)]
+        return TokenTree.from_sequences(seqs + [seqs[0][:2] + [3]])
+
+
+class OracleDrafter(Drafter):
+    """Knows the right answer; drafts it, cut at a varying depth, beside wrong siblings."""
+
+    name = "oracle"
+
+    def __init__(self, prompt: list[int], answer: list[int]):
+        self.full = prompt + answer
+
+    def propose(self, request: DraftRequest) -> TokenTree:
+        n = len(request.tokens)
+        truth = self.full[n: n + 1 + n % 5]
+        wrong = [(t + 1) % VOCAB for t in truth]
+        return TokenTree.from_sequences([wrong[:2], truth, truth[:1] + wrong[1:]])
+
+
+def prompts(count: int = 32) -> list[list[int]]:
+    """Short, long and repetitive prompts of random tokens."""
+    gen = torch.Generator().manual_seed(1234)
+    out = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            out.append(torch.randint(2, VOCAB, (1 + i % 3,), generator=gen).tolist())
+        elif kind == 1:
+            out.append(torch.randint(2, VOCAB, (60 + 5 * i,), generator=gen).tolist())
+        else:
+            motif = torch.randint(2, VOCAB, (3 + i % 5,), generator=gen).tolist()
+            out.append((motif * 12)[: 20 + i])
+    return out
+
+
+def drafters_for(prompt, answer):
+    return [make_drafter("vanilla"), make_drafter("lookup"), make_drafter("lookup", min_ngram=1, max_nodes=40),
+            RandomTreeDrafter(len(prompt)), OracleDrafter(prompt, answer)]
+
+
+def test_all_registered_drafters_are_exercised():
+    assert set(DRAFTERS) <= {"vanilla", "lookup"}  # extend drafters_for when a drafter is added
+
+
+def test_identical_to_hf_generate_on_32_prompts(arch_model):
+    arch, model = arch_model
+    max_new = 48
+    for prompt in prompts():
+        expected = hf_greedy(model, prompt, max_new)
+        assert len(expected) == max_new
+        for drafter in drafters_for(prompt, expected):
+            got = SpeculativeEngine(model, drafter).generate(prompt, max_new)
+            assert got.tokens == expected, f"{arch}/{drafter.name} prompt={prompt[:8]}..."
+            assert got.stats.stop_reason == "max_new_tokens"
+
+
+def test_identical_when_eos_ends_the_answer(arch_model):
+    arch, model = arch_model
+    for prompt in prompts(12):
+        free = hf_greedy(model, prompt, 40)
+        eos = free[len(free) // 3]  # a token the model really emits, a third of the way in
+        expected = hf_greedy(model, prompt, 40, eos=eos)
+        assert expected[-1] == eos and len(expected) < 40 or eos not in expected[:-1]
+        for drafter in drafters_for(prompt, expected):
+            got = SpeculativeEngine(model, drafter, eos_token_ids=[eos]).generate(prompt, 40)
+            assert got.tokens == expected, f"{arch}/{drafter.name}"
+            assert got.stats.stop_reason == "eos"
+
+
+def test_oracle_drafts_are_accepted_so_beta_is_high():
+    model = tiny_model("llama")
+    prompt = prompts()[2]
+    expected = hf_greedy(model, prompt, 60)
+    got = SpeculativeEngine(model, OracleDrafter(prompt, expected)).generate(prompt, 60)
+    assert got.tokens == expected
+    assert got.stats.beta > 2.5
+
+
+def test_random_drafts_cost_nothing_in_correctness_and_give_beta_one():
+    model = tiny_model("qwen2")
+    prompt = prompts()[1]
+    got = SpeculativeEngine(model, RandomTreeDrafter()).generate(prompt, 30)
+    assert got.tokens == hf_greedy(model, prompt, 30)
+    assert got.stats.beta < 1.3
+
+
+def test_eager_attention_gives_the_same_output():
+    """transformers' eager path misreads boolean 4D masks; ours are additive floats."""
+    model = tiny_model("llama", attn="eager")
+    for prompt in prompts(8):
+        expected = hf_greedy(model, prompt, 32)
+        for drafter in drafters_for(prompt, expected):
+            assert SpeculativeEngine(model, drafter).generate(prompt, 32).tokens == expected
+
+
+def test_context_limit_stops_generation_exactly_at_capacity():
+    model = tiny_model("llama")
+    prompt = (prompts()[2] * 30)[:300]
+    got = SpeculativeEngine(model, make_drafter("lookup", min_ngram=1)).generate(prompt, 100)
+    assert len(prompt) + len(got.tokens) == 320
+    assert got.stats.stop_reason == "context_limit"
+    assert got.tokens == hf_greedy(model, prompt, 20)
+
+
+@pytest.mark.parametrize("max_new", [0, 1, 2])
+def test_tiny_budgets(max_new):
+    model = tiny_model("llama")
+    prompt = prompts()[0]
+    got = SpeculativeEngine(model, make_drafter("lookup")).generate(prompt, max_new)
+    assert got.tokens == (hf_greedy(model, prompt, max_new) if max_new else [])
