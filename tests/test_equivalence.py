@@ -7,7 +7,7 @@ import torch
 
 from conftest import VOCAB, hf_greedy, tiny_model
 from ctcspec.drafters import DRAFTERS, make_drafter
-from ctcspec.drafters.base import DraftRequest, Drafter
+from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.tree import TokenTree
 

@@ -65,7 +65,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
                attn_implementation: str = "sdpa") -> LoadedModel:
     """Load a decoder-only model and its tokenizer, in eval mode, on `device`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI that loads in a second
     path = resolve_model_dir(name_or_path)
     config = AutoConfig.from_pretrained(path)
     architectures = getattr(config, "architectures", None) or []

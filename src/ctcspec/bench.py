@@ -1,0 +1,160 @@
+"""Side-by-side benchmark: every drafter and HF `generate` on the same questions, in one run.
+
+For each question turn the systems run one after another (in an order rotated per question, so
+slow drift of the machine does not favour one system), each keeping its own conversation. The
+report gives beta, tokens/s, speedup (mean and median over turns of tokens/s over the reference's
+tokens/s, the paper's gamma) and how many outputs differ from vanilla.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctcspec.drafters import make_drafter
+from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.prompts import Question, encode_chat
+
+HF = "hf_generate"
+
+
+@dataclass
+class TurnRecord:
+    question_id: str
+    category: str
+    turn: int
+    tokens: list[int]
+    steps: int
+    seconds: float
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    bookkeeping_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SystemRuns:
+    name: str
+    turns: list[TurnRecord] = field(default_factory=list)
+
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
+    from transformers import GenerationConfig
+
+    eos = sorted(eos_ids_of(model))
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                              pad_token_id=eos[0] if eos else 0)
+    ids = torch.tensor([prompt], device=model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    seconds = time.perf_counter() - start
+    tokens = out[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(tokens) if t in eos), None)  # be exact should anything follow EOS
+    tokens = tokens if cut is None else tokens[: cut + 1]
+    return TurnRecord("", "", 0, tokens, len(tokens), seconds, verify_s=seconds)
+
+
+def run_system(name: str, engines: dict, model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
+    if name == HF:
+        return hf_generate(model, prompt, max_new_tokens)
+    result = engines[name].generate(prompt, max_new_tokens)
+    s = result.stats
+    return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
+
+
+def run_bench(model, tokenizer, questions: list[Question], drafters: list[str], max_new_tokens: int,
+              include_hf: bool = True, drafter_options: dict | None = None, progress: bool = True) -> dict:
+    names = [*drafters, HF] if include_hf else list(drafters)
+    engines = {d: SpeculativeEngine(model, make_drafter(d, **(drafter_options or {}).get(d, {})))
+               for d in drafters}
+    runs = {n: SystemRuns(n) for n in names}
+    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    for name in names:  # first calls pay one-off costs; keep them out of the timings
+        run_system(name, engines, model, warm, 8)
+    units = sum(len(q.turns) for q in questions)
+    bar = tqdm(total=units * len(names), desc="bench", unit="gen", disable=not progress)
+    for qi, question in enumerate(questions):
+        order = names[qi % len(names):] + names[: qi % len(names)]
+        history = {n: [] for n in names}
+        for turn_index, turn in enumerate(question.turns):
+            for name in order:
+                history[name].append({"role": "user", "content": turn})
+                record = run_system(name, engines, model, encode_chat(tokenizer, history[name]), max_new_tokens)
+                record.question_id, record.category, record.turn = question.question_id, question.category, turn_index
+                runs[name].turns.append(record)
+                answer = tokenizer.decode(record.tokens, skip_special_tokens=True)
+                history[name].append({"role": "assistant", "content": answer})
+                bar.update(1)
+    bar.close()
+    return summarize(runs, tokenizer)
+
+
+def _ratios(runs: SystemRuns, reference: SystemRuns) -> list[float]:
+    return [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs.turns, reference.turns, strict=True)
+            if b.tokens_per_s > 0]
+
+
+def summarize(runs: dict[str, SystemRuns], tokenizer) -> dict:
+    reference = runs.get("vanilla")
+    systems = {}
+    for name, r in runs.items():
+        tokens = sum(len(t.tokens) for t in r.turns)
+        steps = sum(t.steps for t in r.turns)
+        decode = sum(t.draft_s + t.verify_s + t.bookkeeping_s for t in r.turns) or 1.0
+        row = {
+            "turns": len(r.turns), "tokens": tokens, "steps": steps,
+            "beta": tokens / steps if steps else 0.0,
+            "tokens_per_s": statistics.mean(t.tokens_per_s for t in r.turns),
+            "draft_share": sum(t.draft_s for t in r.turns) / decode,
+            "bookkeeping_share": sum(t.bookkeeping_s for t in r.turns) / decode,
+        }
+        for ref_name in ("vanilla", HF):
+            if ref_name in runs:
+                ratios = _ratios(r, runs[ref_name])
+                row[f"speedup_vs_{ref_name}"] = statistics.mean(ratios)
+                row[f"median_speedup_vs_{ref_name}"] = statistics.median(ratios)
+        if reference is not None:
+            row["outputs_differing_from_vanilla"] = sum(
+                a.tokens != b.tokens for a, b in zip(r.turns, reference.turns, strict=True))
+        systems[name] = row
+    turns = {name: [{"question_id": t.question_id, "category": t.category, "turn": t.turn,
+                     "new_tokens": len(t.tokens), "steps": t.steps, "seconds": t.seconds,
+                     "text": tokenizer.decode(t.tokens, skip_special_tokens=True)} for t in r.turns]
+             for name, r in runs.items()}
+    return {"systems": systems, "turns": turns}
+
+
+def format_table(report: dict) -> str:
+    systems = report["systems"]
+    header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "vs HF", "(median)", "draft%", "bookkeep%",
+              "differ"]
+    rows = [header]
+    for name, s in systems.items():
+        rows.append([
+            name, f"{s['beta']:.2f}", f"{s['tokens_per_s']:.1f}",
+            f"{s.get('speedup_vs_vanilla', float('nan')):.2f}x",
+            f"{s.get('median_speedup_vs_vanilla', float('nan')):.2f}x",
+            f"{s.get('speedup_vs_hf_generate', float('nan')):.2f}x",
+            f"{s.get('median_speedup_vs_hf_generate', float('nan')):.2f}x",
+            f"{100 * s['draft_share']:.1f}", f"{100 * s['bookkeeping_share']:.1f}",
+            str(s.get("outputs_differing_from_vanilla", "-")),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def write_report(report: dict, path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")

