@@ -53,10 +53,22 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
         assert row["turns"] == 3
         assert row["outputs_differing_from_vanilla"] == 0
     assert "lookup" in out and "vs HF" in out
+    assert data["per_category"]["lookup"]["x"]["beta"] >= 1.0
+    code, out, _ = run(capsys, "report", str(report))
+    assert code == 0 and "hf_generate" in out and "beta / speedup" in out
+
+
+def test_report_of_a_file_that_is_not_a_report(capsys, tmp_path):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"hello": 1}')
+    code, _, err = run(capsys, "report", str(bogus))
+    assert code == 2 and "not a ctcspec bench report" in err
+    code, _, err = run(capsys, "report", str(tmp_path / "missing.json"))
+    assert code == 2 and "cannot read report" in err
 
 
 def test_help_for_every_command(capsys):
-    for command in ([], ["generate"], ["bench"]):
+    for command in ([], ["generate"], ["bench"], ["report"]):
         with pytest.raises(SystemExit) as exc:
             main([*command, "--help"])
         assert exc.value.code == 0

@@ -134,6 +134,39 @@ def summarize(runs: dict[str, SystemRuns], tokenizer) -> dict:
     return {"systems": systems, "turns": turns}
 
 
+def per_category(report: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per system and category: beta and mean speedup vs vanilla, from the saved per-turn records."""
+    turns = report["turns"]
+    reference = turns.get("vanilla")
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, records in turns.items():
+        groups: dict[str, list[tuple[dict, dict | None]]] = {}
+        for i, rec in enumerate(records):
+            groups.setdefault(rec["category"] or "-", []).append((rec, reference[i] if reference else None))
+        out[name] = {}
+        for category, pairs in groups.items():
+            row = {"beta": sum(r["new_tokens"] for r, _ in pairs) / max(1, sum(r["steps"] for r, _ in pairs))}
+            ratios = [(r["new_tokens"] / r["seconds"]) / (v["new_tokens"] / v["seconds"])
+                      for r, v in pairs if v is not None and r["seconds"] and v["seconds"] and v["new_tokens"]]
+            if ratios:
+                row["speedup_vs_vanilla"] = statistics.mean(ratios)
+            out[name][category] = row
+    return out
+
+
+def format_category_table(report: dict) -> str:
+    cats = per_category(report)
+    categories = sorted({c for rows in cats.values() for c in rows})
+    header = ["beta / speedup", *categories]
+    rows = [header] + [[name, *(f"{rows[c]['beta']:.2f} / {rows[c].get('speedup_vs_vanilla', float('nan')):.2f}x"
+                                if c in rows else "-" for c in categories)]
+                       for name, rows in cats.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
 def format_table(report: dict) -> str:
     systems = report["systems"]
     header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "vs HF", "(median)", "draft%", "bookkeep%",
@@ -157,4 +190,4 @@ def format_table(report: dict) -> str:
 
 def write_report(report: dict, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, **report}, indent=2) + "\n")
+    path.write_text(json.dumps({"meta": meta, **report, "per_category": per_category(report)}, indent=2) + "\n")

@@ -25,6 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
+    from ctcspec import __version__
+
+    parser.add_argument("--version", action="version", version=f"ctcspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from one prompt, streaming, with statistics",
@@ -49,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report path")
+
+    report = sub.add_parser("report", help="print the tables of a saved bench report",
+                            description="Print the summary and per-category tables of a JSON report written by bench.")
+    report.add_argument("path", type=Path, help="a report written by ctcspec bench --out")
     return parser
 
 
@@ -118,7 +125,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ctcspec.bench import format_table, run_bench, write_report
+    from ctcspec.bench import format_category_table, format_table, run_bench, write_report
     from ctcspec.drafters import make_drafter
     from ctcspec.prompts import load_questions
 
@@ -140,14 +147,35 @@ def cmd_bench(args) -> int:
             "dtype": args.dtype, "cpu_count": os.cpu_count()}
     write_report(report, args.out, meta)
     print(format_table(report))
+    print()
+    print(format_category_table(report))
     print(f"report: {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ctcspec.bench import format_category_table, format_table
+
+    try:
+        report = json.loads(args.path.read_text(encoding="utf-8"))
+        meta = report["meta"]
+        tables = format_table(report), format_category_table(report)
+    except OSError as exc:
+        raise CtcspecError(f"cannot read report {str(args.path)!r}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CtcspecError(f"{str(args.path)!r} is not a ctcspec bench report ({exc!r})") from None
+    print(f"{meta['questions']}: {meta['n_questions']} questions, {meta['max_new_tokens']} new tokens, "
+          f"model {meta['model']}, threads {meta['threads']}")
+    print(tables[0])
+    print()
+    print(tables[1])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        return {"generate": cmd_generate, "bench": cmd_bench, "report": cmd_report}[args.command](args)
     except CtcspecError as exc:
         print(f"ctcspec: error: {exc}", file=sys.stderr)
         return 2

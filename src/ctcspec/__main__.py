@@ -1,0 +1,5 @@
+import sys
+
+from ctcspec.cli import main
+
+sys.exit(main())
