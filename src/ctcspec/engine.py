@@ -138,7 +138,7 @@ class SpeculativeEngine:
             request = DraftRequest(tokens, max_depth=room, new_hidden=new_hidden)
             tree = self.drafter.propose(request)
             t1 = time.perf_counter()
-            tree = tree.truncated(min(self.max_tree_nodes, room), room)
+            tree = tree.truncated(min(self.max_tree_nodes, room), room)  # also merges duplicate prefixes
             t2 = time.perf_counter()
             step = speculative_step(self.model, cache, tokens, tree, want_hidden=hidden)
             t3 = time.perf_counter()
