@@ -134,3 +134,19 @@ def test_tiny_budgets(max_new):
     prompt = prompts()[0]
     got = SpeculativeEngine(model, make_drafter("lookup")).generate(prompt, max_new)
     assert got.tokens == (hf_greedy(model, prompt, max_new) if max_new else [])
+
+
+def test_sliding_window_model_generates_inside_its_window():
+    """Mistral-style sliding-window caches drop old keys; the engine stays inside the window."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from conftest import _COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**_COMMON, sliding_window=48)).eval()
+    model.generation_config.eos_token_id = None
+    prompt = (prompts()[2] * 4)[:30]
+    got = SpeculativeEngine(model, make_drafter("lookup", min_ngram=1)).generate(prompt, 40)
+    assert got.stats.stop_reason == "context_limit"
+    assert len(prompt) + len(got.tokens) == 47
+    assert got.tokens == hf_greedy(model, prompt, len(got.tokens))
