@@ -114,3 +114,40 @@ def test_cache_after_many_mixed_steps_equals_one_plain_forward(model_and_truth):
         produced += step.tokens
     assert produced[len(PROMPT):] == truth[: len(produced) - len(PROMPT)]
     assert_cache_equals_plain_forward(model, cache, produced[:-1])
+
+
+class HiddenRecorder:
+    """A drafter that asks for hidden states and records what it is given (for future model drafters)."""
+
+    name = "hidden-recorder"
+    needs_hidden_states = True
+
+    def __init__(self, truth):
+        self.truth, self.seen = truth, []
+
+    def reset(self):
+        self.seen = []
+
+    def propose(self, request):
+        self.seen.append((len(request.tokens), request.new_hidden))
+        n = len(request.tokens) - len(PROMPT)
+        return TokenTree.from_sequences([self.truth[n: n + 2], [wrong(self.truth[n])]])
+
+
+def test_drafters_get_the_hidden_states_of_exactly_the_accepted_positions(model_and_truth):
+    from ctcspec.engine import SpeculativeEngine
+
+    model, truth = model_and_truth
+    recorder = HiddenRecorder(truth)
+    result = SpeculativeEngine(model, recorder).generate(PROMPT, 12)
+    assert result.tokens == truth[:12]
+    sequence = PROMPT + result.tokens
+    with torch.inference_mode():
+        reference = model(torch.tensor([sequence]), output_hidden_states=True).hidden_states[-1][0]
+    covered = 0
+    for length, hidden in recorder.seen:
+        # the positions accepted since the previous request: everything up to, not including, the root
+        assert hidden.shape[0] == length - 1 - covered
+        torch.testing.assert_close(hidden, reference[covered: length - 1], atol=1e-4, rtol=1e-4)
+        covered = length - 1
+    assert result.stats.beta > 2
