@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
     drafter = make_drafter(args.drafter)
     loaded = _load(args)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
-    engine = SpeculativeEngine(loaded.model, drafter, max_context=loaded.max_context)
+    engine = SpeculativeEngine(loaded.model, drafter)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
     result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer)
     stats = result.stats

@@ -32,10 +32,6 @@ class LoadedModel:
     tokenizer: object
     path: Path
 
-    @property
-    def max_context(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-
 
 def ctcspec_home() -> Path:
     return Path(os.environ.get("CTCSPEC_HOME", Path.home() / ".cache" / "ctcspec"))
