@@ -73,10 +73,9 @@ def run_system(name: str, engines: dict, model, prompt: list[int], max_new_token
 
 
 def run_bench(model, tokenizer, questions: list[Question], drafters: list[str], max_new_tokens: int,
-              include_hf: bool = True, drafter_options: dict | None = None, progress: bool = True) -> dict:
+              include_hf: bool = True, progress: bool = True) -> dict:
     names = [*drafters, HF] if include_hf else list(drafters)
-    engines = {d: SpeculativeEngine(model, make_drafter(d, **(drafter_options or {}).get(d, {})))
-               for d in drafters}
+    engines = {d: SpeculativeEngine(model, make_drafter(d)) for d in drafters}
     runs = {n: SystemRuns(n) for n in names}
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for name in names:  # first calls pay one-off costs; keep them out of the timings
@@ -134,6 +133,14 @@ def summarize(runs: dict[str, SystemRuns], tokenizer) -> dict:
     return {"systems": systems, "turns": turns}
 
 
+def _align(rows: list[list[str]]) -> str:
+    """A plain-text table: first column left-aligned, the rest right-aligned, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
 def per_category(report: dict) -> dict[str, dict[str, dict[str, float]]]:
     """Per system and category: beta and mean speedup vs vanilla, from the saved per-turn records."""
     turns = report["turns"]
@@ -161,10 +168,7 @@ def format_category_table(report: dict) -> str:
     rows = [header] + [[name, *(f"{rows[c]['beta']:.2f} / {rows[c].get('speedup_vs_vanilla', float('nan')):.2f}x"
                                 if c in rows else "-" for c in categories)]
                        for name, rows in cats.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return _align(rows)
 
 
 def format_table(report: dict) -> str:
@@ -182,10 +186,7 @@ def format_table(report: dict) -> str:
             f"{100 * s['draft_share']:.1f}", f"{100 * s['bookkeeping_share']:.1f}",
             str(s.get("outputs_differing_from_vanilla", "-")),
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return _align(rows)
 
 
 def write_report(report: dict, path: Path, meta: dict) -> None:

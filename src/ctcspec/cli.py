@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from ctcspec import __version__
 from ctcspec.errors import CtcspecError
 from ctcspec.models import DEFAULT_MODEL
+from ctcspec.prompts import require_prompt
 
 DEFAULT_DRAFTERS = "vanilla,lookup"
 
@@ -25,8 +27,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
-    from ctcspec import __version__
-
     parser.add_argument("--version", action="version", version=f"ctcspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,9 +99,7 @@ def cmd_generate(args) -> int:
     from ctcspec.engine import SpeculativeEngine
     from ctcspec.prompts import encode
 
-    text = _read_prompt(args)
-    if not text.strip():
-        raise CtcspecError("the prompt is empty")
+    text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
     if args.max_new_tokens < 1:
         raise CtcspecError("--max-new-tokens must be at least 1")
     drafter = make_drafter(args.drafter)

@@ -35,6 +35,5 @@ def verify_cost_curve(model: torch.nn.Module, sizes: list[int], context: int = 2
             start = time.perf_counter()
             verify_tree(model, cache, prompt[-1], tree, context - 1)
             timings[q].append(time.perf_counter() - start)
-            for layer in cache.layers:  # drop what the forward appended: back to the context alone
-                layer.keys, layer.values = layer.keys[:, :, : context - 1], layer.values[:, :, : context - 1]
+            cache.crop(-q)  # drop what the forward appended: back to the context alone
     return {q: statistics.median(ts[1:]) for q, ts in timings.items()}

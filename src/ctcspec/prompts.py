@@ -19,10 +19,15 @@ class Question:
     turns: tuple[str, ...]
 
 
-def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
-    """Token ids of a prompt; with `chat`, wrapped in the model's chat template as one user turn."""
+def require_prompt(text: str) -> str:
     if not text.strip():
         raise CtcspecError("the prompt is empty")
+    return text
+
+
+def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """Token ids of a prompt; with `chat`, wrapped in the model's chat template as one user turn."""
+    require_prompt(text)
     if chat:
         return encode_chat(tokenizer, [{"role": "user", "content": text}])
     return list(tokenizer(text)["input_ids"])
