@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ctcspec.drafters import make_drafter
+from ctcspec.drafters import Drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
 from ctcspec.prompts import Question, encode_chat
 
@@ -72,10 +72,10 @@ def run_system(name: str, engines: dict, model, prompt: list[int], max_new_token
     return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
 
 
-def run_bench(model, tokenizer, questions: list[Question], drafters: list[str], max_new_tokens: int,
+def run_bench(model, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
               include_hf: bool = True, progress: bool = True) -> dict:
     names = [*drafters, HF] if include_hf else list(drafters)
-    engines = {d: SpeculativeEngine(model, make_drafter(d)) for d in drafters}
+    engines = {name: SpeculativeEngine(model, drafter) for name, drafter in drafters.items()}
     runs = {n: SystemRuns(n) for n in names}
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for name in names:  # first calls pay one-off costs; keep them out of the timings

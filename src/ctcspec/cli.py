@@ -12,8 +12,9 @@ from ctcspec import __version__
 from ctcspec.errors import CtcspecError
 from ctcspec.models import DEFAULT_MODEL
 from ctcspec.prompts import require_prompt
+from ctcspec.train import TrainConfig
 
-DEFAULT_DRAFTERS = "vanilla,lookup"
+DEFAULT_DRAFTERS = "vanilla,lookup,ctc"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice; 1 gives the steadiest timings)")
 
 
+def _add_ctc_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter-path", type=Path, default=None,
+                   help="trained drafter directory (default: the one shipped for the embedded default model)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="draft tree nodes per step (default: chosen from the drafter's acceptance curve and "
+                        "this machine's verification cost curve)")
+    p.add_argument("--transform", default="beam", choices=["beam", "topk"],
+                   help="CTC transform: prefix beam search (default) or the paper's per-slot top-k paths")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"ctcspec {__version__}")
@@ -33,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from one prompt, streaming, with statistics",
                          description="Generate greedily from one prompt; output equals plain greedy decoding.")
     _add_model_args(gen)
-    gen.add_argument("--drafter", default="lookup", help="vanilla | lookup (default: lookup)")
+    gen.add_argument("--drafter", default=None,
+                     help="vanilla | lookup | ctc (default: ctc when a trained drafter is available, else lookup)")
+    _add_ctc_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
@@ -49,9 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
                        help="question jsonl (FastChat or GSM8K format), or 'builtin' for the demo set (default)")
     bench.add_argument("--drafters", default=DEFAULT_DRAFTERS, help=f"comma-separated (default: {DEFAULT_DRAFTERS})")
     bench.add_argument("--limit", type=int, default=None, help="use only the first N questions")
+    bench.add_argument("--per-category", type=int, default=None,
+                       help="use only the first N questions of each category (applied before --limit)")
+    _add_ctc_args(bench)
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report path")
+
+    distill = sub.add_parser("distill", help="self-distillation: the base model answers training prompts",
+                             description="Answer training prompts greedily with the base model and store the token "
+                                         "ids (resumable). Evaluation sets are refused.")
+    _add_model_args(distill)
+    distill.add_argument("--prompts", nargs="*", type=Path, default=[],
+                         help="prompt files: FastChat question jsonl, GSM8K jsonl, or plain text (one per line)")
+    distill.add_argument("--self-instruct", type=int, default=0,
+                         help="also ask the base model to write this many diverse user requests and answer them")
+    distill.add_argument("--templated", action="store_true",
+                         help="also answer the built-in topic x task request templates (960 prompts)")
+    distill.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
+    distill.add_argument("--max-new-tokens", type=int, default=256)
+    distill.add_argument("--batch-size", type=int, default=16)
+    distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
+
+    train = sub.add_parser("train", help="train a CTC drafter on distilled data",
+                           description="Train the attention draft module with CTC loss against the base model's "
+                                       "own next tokens; checkpoints periodically; --resume continues.")
+    _add_model_args(train)
+    train.add_argument("--data", type=Path, nargs="+", required=True, help="directories written by ctcspec distill")
+    train.add_argument("--out", type=Path, required=True, help="drafter directory to write")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    defaults = TrainConfig()
+    for name, kind in (("num_slots", int), ("target_tokens", int), ("slot_attention", str), ("loss", str),
+                       ("draft_vocab", int), ("steps", int), ("epochs", float), ("batch_size", int),
+                       ("anchors_per_sequence", int), ("max_length", int), ("lr", float), ("eval_every", int),
+                       ("final_eval_samples", int),
+                       ("checkpoint_every", int), ("seed", int), ("time_limit_s", float)):
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                           help=f"(default: {getattr(defaults, name)})")
 
     report = sub.add_parser("report", help="print the tables of a saved bench report",
                             description="Print the summary and per-category tables of a JSON report written by bench.")
@@ -94,16 +141,35 @@ class _Streamer:
         self.printed = len(text)
 
 
-def cmd_generate(args) -> int:
+def _check_ctc_args(args) -> None:
+    if args.tree_budget is not None and args.tree_budget < 1:
+        raise CtcspecError("--tree-budget must be at least 1")
+    if args.drafter_path is not None and not args.drafter_path.is_dir():
+        raise CtcspecError(f"drafter directory {str(args.drafter_path)!r} does not exist")
+
+
+def _make(name: str, args, loaded):
     from ctcspec.drafters import make_drafter
+
+    return make_drafter(name, model=loaded.model, model_name=args.model, drafter_path=args.drafter_path,
+                        tree_budget=args.tree_budget, transform=args.transform)
+
+
+def cmd_generate(args) -> int:
+    from ctcspec.checkpoint import default_drafter_dir
+    from ctcspec.drafters import check_drafter_name
     from ctcspec.engine import SpeculativeEngine
     from ctcspec.prompts import encode
 
     text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
     if args.max_new_tokens < 1:
         raise CtcspecError("--max-new-tokens must be at least 1")
-    drafter = make_drafter(args.drafter)
+    _check_ctc_args(args)
+    if args.drafter is None:
+        args.drafter = "ctc" if (args.drafter_path or default_drafter_dir(args.model)) else "lookup"
+    check_drafter_name(args.drafter)
     loaded = _load(args)
+    drafter = _make(args.drafter, args, loaded)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
     engine = SpeculativeEngine(loaded.model, drafter)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
@@ -124,30 +190,68 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from ctcspec.bench import format_category_table, format_table, run_bench, write_report
-    from ctcspec.drafters import make_drafter
-    from ctcspec.prompts import load_questions
+    from ctcspec.drafters import check_drafter_name
+    from ctcspec.prompts import load_questions, select_questions
 
-    drafters = [d.strip() for d in args.drafters.split(",") if d.strip()]
-    for name in drafters:
-        make_drafter(name)  # fail on a typo before loading anything
-    if "vanilla" not in drafters:
-        drafters.insert(0, "vanilla")  # the reference every speedup is measured against
-    questions = load_questions(args.questions)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CtcspecError("--limit must be at least 1")
-        questions = questions[: args.limit]
+    names = [check_drafter_name(d.strip()) for d in args.drafters.split(",") if d.strip()]  # before loading
+    if "vanilla" not in names:
+        names.insert(0, "vanilla")  # the reference every speedup is measured against
+    _check_ctc_args(args)
+    questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     loaded = _load(args)
+    drafters = {name: _make(name, args, loaded) for name in names}
     report = run_bench(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
                        include_hf=not args.no_hf)
     meta = {"model": str(loaded.path), "questions": str(args.questions), "n_questions": len(questions),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
-            "dtype": args.dtype, "cpu_count": os.cpu_count()}
+            "dtype": args.dtype, "cpu_count": os.cpu_count(), "per_category": args.per_category,
+            "drafter_settings": {n: _settings(d) for n, d in drafters.items()}}
     write_report(report, args.out, meta)
     print(format_table(report))
     print()
     print(format_category_table(report))
     print(f"report: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _settings(drafter) -> dict:
+    keys = ("tree_budget", "transform", "top_k", "beam_width", "max_nodes", "draft_len")
+    return {k: getattr(drafter, k) for k in keys if hasattr(drafter, k)}
+
+
+def cmd_distill(args) -> int:
+    from ctcspec.distill import distill, read_prompt_file, self_instruct, templated_prompts
+
+    if not args.prompts and args.self_instruct <= 0 and not args.templated:
+        raise CtcspecError("give --prompts FILE [FILE ...], --templated and/or --self-instruct N")
+    prompts = []
+    for path in args.prompts:
+        prompts += read_prompt_file(path)[: args.limit]
+    if args.templated:
+        prompts += templated_prompts()[: args.limit]
+    loaded = _load(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.self_instruct > 0:
+        prompts += self_instruct(loaded.model, loaded.tokenizer, args.self_instruct, args.out,
+                                 batch_size=max(args.batch_size, 8))
+    path = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size)
+    print(f"distilled {len(prompts)} prompts into {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from dataclasses import fields
+
+    from ctcspec.train import summary_json, train
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if args.out.exists() and not args.resume and (args.out / "checkpoint.pt").exists():
+        raise CtcspecError(f"{str(args.out)!r} already holds a training checkpoint: pass --resume to continue it, "
+                           "or choose a new --out")
+    loaded = _load(args)
+    summary = train(loaded.model, args.data, args.out, config, resume=args.resume)
+    if summary:
+        print(summary_json(summary))
     return 0
 
 
@@ -173,7 +277,9 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "bench": cmd_bench, "report": cmd_report}[args.command](args)
+        commands = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
+                    "report": cmd_report}
+        return commands[args.command](args)
     except CtcspecError as exc:
         print(f"ctcspec: error: {exc}", file=sys.stderr)
         return 2

@@ -37,3 +37,49 @@ def verify_cost_curve(model: torch.nn.Module, sizes: list[int], context: int = 2
             timings[q].append(time.perf_counter() - start)
             cache.crop(-q)  # drop what the forward appended: back to the context alone
     return {q: statistics.median(ts[1:]) for q, ts in timings.items()}
+
+
+COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZES) -> dict[int, float]:
+    """`verify_cost_curve` for this model, device, dtype and thread count, measured once and cached
+    under $CTCSPEC_HOME/costs (a few seconds the first time)."""
+    import hashlib
+    import json
+
+    from ctcspec.models import ctcspec_home
+
+    key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
+                      "dtype": str(model.dtype), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "sizes": list(sizes)}, sort_keys=True)
+    path = ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        return {int(q): float(s) for q, s in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    curve = verify_cost_curve(model, list(sizes), repeats=3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(curve))
+    return curve
+
+
+def interpolate_cost(cost: dict[int, float], q: int) -> float:
+    """Cost of a q-node forward, linear between measured sizes and beyond the largest."""
+    sizes = sorted(cost)
+    if q <= sizes[0]:
+        return cost[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        if q <= hi:
+            return cost[lo] + (cost[hi] - cost[lo]) * (q - lo) / (hi - lo)
+    lo, hi = sizes[-2], sizes[-1]
+    return cost[hi] + (cost[hi] - cost[lo]) * (q - hi) / (hi - lo)
+
+
+def choose_tree_budget(acceptance: dict[int, float], cost: dict[int, float], draft_cost: float = 0.0) -> int:
+    """The node budget b maximising expected tokens per unit time, (1 + accepted(b)) / (cost(1 + b) + draft).
+
+    `acceptance` maps budgets to mean accepted draft tokens (measured on held-out data when the
+    drafter was trained); `cost` is the verification cost curve (seconds per forward of q nodes).
+    """
+    return max(acceptance, key=lambda b: (1 + acceptance[b]) / (interpolate_cost(cost, b + 1) + draft_cost))

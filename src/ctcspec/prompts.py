@@ -75,3 +75,20 @@ def _parse_questions(text: str, source: str) -> list[Question]:
     if not questions:
         raise CtcspecError(f"{source}: no questions found")
     return questions
+
+
+def select_questions(questions: list[Question], per_category: int | None = None,
+                     limit: int | None = None) -> list[Question]:
+    """The first `per_category` questions of each category (file order kept), then the first `limit`."""
+    for name, value in (("--per-category", per_category), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise CtcspecError(f"{name} must be at least 1")
+    if per_category is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for q in questions:
+            seen[q.category] = seen.get(q.category, 0) + 1
+            if seen[q.category] <= per_category:
+                kept.append(q)
+        questions = kept
+    return questions[:limit] if limit is not None else questions

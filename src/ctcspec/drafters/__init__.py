@@ -7,15 +7,32 @@ from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
 
-DRAFTERS = {"vanilla": VanillaDrafter, "lookup": LookupDrafter}
+DRAFTERS = ("vanilla", "lookup", "ctc")
+TRAINED = frozenset({"ctc"})  # drafters that need a trained checkpoint and the base model
 
 
-def make_drafter(name: str, **options) -> Drafter:
-    try:
-        cls = DRAFTERS[name]
-    except KeyError:
-        raise CtcspecError(f"unknown drafter {name!r}; choose from: {', '.join(DRAFTERS)}") from None
-    return cls(**options)
+def check_drafter_name(name: str) -> str:
+    if name not in DRAFTERS:
+        raise CtcspecError(f"unknown drafter {name!r}; choose from: {', '.join(DRAFTERS)}")
+    return name
 
 
-__all__ = ["DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "make_drafter"]
+def make_drafter(name: str, model=None, model_name: str | None = None, drafter_path=None,
+                 tree_budget: int | None = None, transform: str = "beam", **options) -> Drafter:
+    """Build a drafter by name. Trained drafters need the base `model`, and a checkpoint directory
+    (`drafter_path`) unless one ships for `model_name`."""
+    check_drafter_name(name)
+    if name == "vanilla":
+        return VanillaDrafter(**options)
+    if name == "lookup":
+        return LookupDrafter(**options)
+    if model is None:
+        raise CtcspecError(f"the {name} drafter needs the base model")
+    from ctcspec.drafters.ctc import load_ctc_drafter
+
+    return load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget,
+                            transform=transform)
+
+
+__all__ = ["DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "check_drafter_name",
+           "make_drafter"]

@@ -1,0 +1,118 @@
+"""Saving and loading trained drafters: a directory with config.json + model.safetensors.
+
+config.json records the base model the drafter was trained for (architecture, hidden size,
+vocabulary size and a fingerprint of its LM head), so loading it against another base model is
+a clear error rather than garbage drafts. The base model's embedding and LM head are not stored:
+they are taken from the base model at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ctcspec.draft_module import CTCDraftModule, DraftConfig, base_head
+from ctcspec.errors import CtcspecError
+
+FORMAT = "ctcspec-drafter"
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def head_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the LM head weights (fp32, CPU): identical only for the same base model weights."""
+    weight, _ = base_head(model)
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def describe_base(model: torch.nn.Module) -> dict:
+    config = model.config
+    return {"architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+            "model_type": config.model_type, "hidden_size": config.hidden_size,
+            "vocab_size": base_head(model)[0].shape[0], "lm_head_sha256": head_fingerprint(model)}
+
+
+def check_base(expected: dict, model: torch.nn.Module, where: str) -> None:
+    actual = describe_base(model)
+    for key in ("architecture", "hidden_size", "vocab_size", "lm_head_sha256"):
+        if expected.get(key) != actual[key]:
+            raise CtcspecError(
+                f"drafter {where} was trained for another base model: its {key} is {expected.get(key)!r}, "
+                f"this model's is {actual[key]!r}. Train a drafter for this model (ctcspec distill + ctcspec train).")
+
+
+def build_module(config: DraftConfig, vocab_ids: torch.Tensor, model: torch.nn.Module) -> CTCDraftModule:
+    head_weight, head_bias = base_head(model)
+    return CTCDraftModule(config, vocab_ids.to(head_weight.device), model.get_input_embeddings().weight,
+                          head_weight, head_bias)
+
+
+def save_drafter(directory: Path, module: CTCDraftModule, base: dict, extra: dict | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write config.json + model.safetensors (trained weights in `dtype`, plus the draft vocabulary)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in module.named_parameters()}
+    tensors["vocab_ids"] = module.vocab_ids.to("cpu", torch.int64).contiguous()
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "ctc",
+              "draft": module.config.to_dict(), "base": base, **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CtcspecError(f"drafter directory {str(directory)!r} does not exist")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        raise CtcspecError(f"drafter directory {str(directory)!r} has no {CONFIG_FILE}") from None
+    except json.JSONDecodeError as exc:
+        raise CtcspecError(f"{path} is corrupt: not valid JSON ({exc.msg})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CtcspecError(f"{path} is not a ctcspec drafter config")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CtcspecError(f"{path} has format version {config.get('format_version')}; "
+                           f"this ctcspec reads version {FORMAT_VERSION}")
+    return config
+
+
+def load_drafter_module(directory: Path, model: torch.nn.Module) -> tuple[CTCDraftModule, dict]:
+    """The trained module on the base model's device (fp32 unless the base runs in another float type)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    check_base(config.get("base", {}), model, str(directory))
+    try:
+        draft_config = DraftConfig(**config["draft"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CtcspecError(f"{directory / CONFIG_FILE}: bad 'draft' section ({exc})") from None
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise CtcspecError(f"drafter directory {str(directory)!r} has no {WEIGHTS_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CtcspecError(f"{directory / WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
+    vocab_ids = tensors.pop("vocab_ids", None)
+    if vocab_ids is None or len(vocab_ids) != draft_config.draft_vocab_size:
+        raise CtcspecError(f"{directory / WEIGHTS_FILE}: missing or wrong-sized vocab_ids")
+    module = build_module(draft_config, vocab_ids, model)
+    dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    expected = dict(module.named_parameters())
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        raise CtcspecError(f"{directory / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
+    module.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+    return module.to(dtype=dtype).eval(), config
+
+
+def default_drafter_dir(model_name: str) -> Path | None:
+    """The drafter shipped in the package for an embedded default model, if any."""
+    path = resources.files("ctcspec").joinpath(f"data/drafters/{model_name}-ctc")
+    return Path(str(path)) if path.is_dir() else None

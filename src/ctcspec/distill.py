@@ -1,0 +1,243 @@
+"""Self-distillation data: the base model answers training prompts greedily; we keep the token ids.
+
+`DIR/samples.jsonl` gets one line per answered prompt ({"index", "source", "prompt_len", "ids"}),
+appended batch by batch, so an interrupted run resumes where it stopped. Hidden states are not
+stored: training recomputes them with one teacher-forced base forward per batch (cheaper than the
+disk: 576 floats per token would be ~2.3 KB/token for SmolLM2).
+
+Prompts come from FastChat question jsonl (first turns), GSM8K jsonl, plain-text files (one
+prompt per line), and optionally from the base model itself (`self_instruct`), which is asked to
+write diverse user requests. Evaluation sets (MT-bench, Vicuna-bench, GSM8K test) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctcspec.errors import CtcspecError
+from ctcspec.prompts import encode_chat
+
+SAMPLES_FILE, META_FILE, INSTRUCTIONS_FILE = "samples.jsonl", "meta.json", "self_instruct.jsonl"
+
+TOPICS = (
+    "cooking", "personal finance", "travel planning", "ancient history", "astronomy", "climate change",
+    "job interviews", "gardening", "music theory", "photography", "chess", "marine biology", "poetry",
+    "startups", "public speaking", "nutrition", "the French revolution", "machine learning", "databases",
+    "web development", "Python programming", "linear algebra", "probability", "geometry", "economics",
+    "philosophy of mind", "world religions", "architecture", "renewable energy", "volcanoes", "genetics",
+    "the immune system", "film making", "video games", "mythology", "urban planning", "sleep", "parenting",
+    "time management", "negotiation", "chemistry", "quantum physics", "electric cars", "social media",
+    "language learning", "painting", "sports training", "pets", "law and contracts", "medieval castles",
+    "space exploration", "cybersecurity", "psychology", "statistics", "novels and storytelling",
+    "email etiquette", "customer support", "mathematical puzzles", "sorting algorithms", "SQL queries",
+)
+TASKS = (
+    "short creative writing request (a story, poem or letter)", "role-play request where the assistant plays "
+    "a character", "question that needs step-by-step reasoning", "math word problem", "coding task",
+    "request to extract specific facts from a short text you include", "question about a science concept",
+    "question about history or culture", "request for practical advice", "request to explain a concept "
+    "to a child", "request to write a persuasive essay outline", "request to compare two things",
+    "request to rewrite or summarize a paragraph you include", "brainstorming request for a list of ideas",
+    "request for a short dialogue between two people", "question asking for a definition and examples",
+)
+
+
+EXAMPLES_PROMPT = (
+    "Here are three requests users sent to an AI assistant:\n- Write a haiku about the sea at night.\n"
+    "- How much is 15% of 240? Show the steps.\n- Pretend you are a pirate captain and describe your ship.\n\n"
+    "Write one new request: a {task} about {topic}. Reply with the request only, without answering it.")
+TEMPLATES = (
+    "Write a short story about {topic}.", "Write a poem about {topic}.",
+    "Pretend you are a famous expert on {topic}. Introduce yourself and answer: what do beginners get wrong?",
+    "Explain {topic} to a ten-year-old.", "Give me five practical tips about {topic}.",
+    "What are the pros and cons of studying {topic}? Answer step by step.",
+    "Write a persuasive paragraph on why everyone should learn about {topic}.",
+    "Summarize the most important ideas of {topic} in three bullet points.",
+    "Write a dialogue between a teacher and a student about {topic}.",
+    "Create a multiple-choice quiz with three questions about {topic}, with answers.",
+    "Write a Python function that could be useful for someone working on {topic}, and explain it.",
+    "Describe a common misconception about {topic} and correct it.",
+    "Write a formal email to a colleague asking for help with a project on {topic}.",
+    "Compare two different approaches to {topic} in a short table.",
+    "Invent a word problem involving {topic} that needs arithmetic, then solve it.",
+    "List the key terms of {topic} with a one-sentence definition each.",
+)
+
+
+def templated_prompts() -> list[Prompt]:
+    """Every TEMPLATES x TOPICS request: broad coverage of writing, role-play, reasoning, coding, STEM."""
+    return [Prompt("templated", t.format(topic=topic)) for t in TEMPLATES for topic in TOPICS]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    source: str
+    text: str
+
+
+def _refuse_evaluation_set(path: Path) -> None:
+    parts = [p.lower() for p in path.parts]
+    if any("mt_bench" in p or "vicuna_bench" in p for p in parts) or (
+            any("gsm8k" in p for p in parts) and "test" in path.name.lower()):
+        raise CtcspecError(f"{str(path)!r} is an evaluation set; training on it would make the benchmark "
+                           "meaningless. Use training prompts (e.g. GSM8K train) or --self-instruct.")
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """FastChat question jsonl (first turn), GSM8K jsonl ("question"), other jsonl with "prompt" or
+    "instruction", or plain text with one prompt per line."""
+    path = Path(path)
+    _refuse_evaluation_set(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CtcspecError(f"cannot read prompt file {str(path)!r}: {exc.strerror}") from None
+    prompts = []
+    jsonl = path.suffix == ".jsonl"
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(Prompt(path.name, line.strip()))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CtcspecError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        turns = record.get("turns") if isinstance(record, dict) else None
+        value = turns[0] if isinstance(turns, list) and turns else None
+        for key in ("question", "prompt", "instruction"):
+            if value is None and isinstance(record, dict):
+                value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise CtcspecError(f"{path} line {lineno}: needs 'turns', 'question', 'prompt' or 'instruction'")
+        prompts.append(Prompt(path.name, value.strip()))
+    if not prompts:
+        raise CtcspecError(f"{path}: no prompts found")
+    return prompts
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int],
+                   pad_id: int, sample: bool = False, seed: int = 0) -> list[list[int]]:
+    """Left-padded batched generation; each answer cut after its first EOS."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    config = GenerationConfig(do_sample=sample, temperature=1.0 if sample else None, top_p=0.95 if sample else None,
+                              max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None, pad_token_id=pad_id)
+    if sample:
+        torch.manual_seed(seed)
+    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
+    answers = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        answers.append(row if cut is None else row[: cut + 1])
+    return answers
+
+
+def _clean_instruction(text: str) -> str | None:
+    text = text.strip().strip('"').strip()
+    for prefix in ("Request:", "Question:", "User:", "Task:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].strip()
+    return text if 15 <= len(text) <= 600 else None
+
+
+def self_instruct(model, tokenizer, count: int, out_dir: Path, batch_size: int = 64, seed: int = 0,
+                  progress: bool = True) -> list[Prompt]:
+    """Ask the base model for `count` diverse user requests (sampled), cached in DIR/self_instruct.jsonl."""
+    from ctcspec.engine import eos_ids_of
+
+    path = Path(out_dir) / INSTRUCTIONS_FILE
+    have = [json.loads(line)["text"] for line in path.read_text().splitlines()] if path.exists() else []
+    rng = random.Random(seed + len(have))
+    eos = sorted(eos_ids_of(model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    bar = tqdm(total=count, initial=min(len(have), count), desc="self-instruct", unit="prompt", disable=not progress)
+    seen = set(have)
+    attempts = 0
+    while len(have) < count and attempts < 4 * count:
+        metas = [EXAMPLES_PROMPT.format(task=rng.choice(TASKS), topic=rng.choice(TOPICS)) for _ in range(batch_size)]
+        ids = [encode_chat(tokenizer, [{"role": "user", "content": m}]) for m in metas]
+        outputs = generate_batch(model, ids, 96, eos, pad_id, sample=True, seed=seed + attempts)
+        attempts += batch_size
+        new = []
+        for out in outputs:
+            text = _clean_instruction(tokenizer.decode(out, skip_special_tokens=True))
+            if text and text not in seen and len(have) + len(new) < count:
+                seen.add(text)
+                new.append(text)
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in new)
+        have.extend(new)
+        bar.update(len(new))
+    bar.close()
+    return [Prompt("self-instruct", t) for t in have[:count]]
+
+
+def read_samples(data_dir: Path) -> list[dict]:
+    path = Path(data_dir) / SAMPLES_FILE
+    if not path.exists():
+        raise CtcspecError(f"{str(data_dir)!r} holds no distilled data ({SAMPLES_FILE}); run ctcspec distill first")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    samples = []
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            samples.append({"index": int(record["index"]), "prompt_len": int(record["prompt_len"]),
+                            "ids": [int(t) for t in record["ids"]], "source": record.get("source", "")})
+        except (ValueError, KeyError, TypeError):
+            if lineno == len(lines):
+                break  # a line cut short by an interrupted run: ignore it, the prompt is redone
+            raise CtcspecError(f"{path} line {lineno} is corrupt") from None
+    return samples
+
+
+def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
+            batch_size: int = 16, progress: bool = True) -> Path:
+    """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped."""
+    from ctcspec.checkpoint import describe_base
+    from ctcspec.engine import eos_ids_of
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = describe_base(model)
+    meta_path = out_dir / META_FILE
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("base", {}).get("lm_head_sha256") != base["lm_head_sha256"]:
+            raise CtcspecError(f"{str(out_dir)!r} holds data distilled from another base model; use a new --out")
+    meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
+                                    indent=2) + "\n")
+    samples_path = out_dir / SAMPLES_FILE
+    done = {s["index"] for s in read_samples(out_dir)} if samples_path.exists() else set()
+    eos = sorted(eos_ids_of(model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    todo = [(i, encode_chat(tokenizer, [{"role": "user", "content": p.text}])) for i, p in enumerate(prompts)
+            if i not in done]
+    todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt",
+               disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        answers = generate_batch(model, [p for _, p in batch], max_new_tokens, eos, pad_id)
+        with samples_path.open("a", encoding="utf-8") as f:
+            for (index, prompt_ids), answer in zip(batch, answers, strict=True):
+                f.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_len": len(prompt_ids),
+                                    "ids": prompt_ids + answer}) + "\n")
+        bar.update(len(batch))
+    bar.close()
+    return samples_path

@@ -1,0 +1,254 @@
+"""The attention draft module: one transformer layer over the base model's last hidden states that
+predicts N draft slots at once (non-autoregressive).
+
+Context position j contributes a unit u_j = W [h_j ; E(x_{j+1})]: the base model's final (normed)
+hidden state fused with the embedding of the token that followed it. At the last position t the
+next token is the tree's root, already chosen by the base model. The N slots are u_t plus a learned
+slot embedding each, at positions t+1 .. t+N; they attend to every context unit and to each other
+(bidirectionally or causally). Slot outputs go through the base model's frozen LM head restricted
+to the draft vocabulary, plus two logits of the module's own: "other" (a token outside the draft
+vocabulary, which ends a draft) and the CTC blank. Slot i does not predict token t+1+i: under CTC
+the slots emit an alignment (tokens, repeats, blanks) that collapses to the next tokens.
+
+The module keeps no state; the keys/values of context units live in a `ContextCache` that callers
+extend (into new tensors) with newly accepted positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SLOT_ATTENTION = ("bidirectional", "causal")
+LOSSES = ("ctc", "ce")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    draft_vocab_size: int
+    num_slots: int = 8             # N: slots per draft
+    target_tokens: int = 6         # K: next tokens each training alignment must spell out
+    slot_attention: str = "bidirectional"
+    loss: str = "ctc"              # "ce": slot i predicts token t+1+i with cross-entropy (ablation)
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.slot_attention not in SLOT_ATTENTION:
+            raise ValueError(f"slot_attention must be one of {SLOT_ATTENTION}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}")
+        if not 1 <= self.target_tokens <= self.num_slots:
+            raise ValueError("need 1 <= target_tokens <= num_slots")
+
+    @property
+    def other_id(self) -> int:
+        return self.draft_vocab_size
+
+    @property
+    def blank_id(self) -> int:
+        return self.draft_vocab_size + 1
+
+    @property
+    def num_classes(self) -> int:
+        return self.draft_vocab_size + 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding; x is (batch, heads, time, head_dim), positions (batch, time)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = (positions.to(torch.float32)[..., None] * freqs)[:, None]  # (batch, 1, time, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class DraftLayer(nn.Module):
+    """A pre-norm transformer layer whose queries (the slots) attend to keys/values given by the caller."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.config = config
+        self.attn_norm = RMSNorm(d, config.rms_eps)
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.mlp_norm = RMSNorm(d, config.rms_eps)
+        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.config.num_heads, -1).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.attn_norm(x)
+        keys = apply_rotary(self._heads(self.k_proj(h)), positions, self.config.rope_theta)
+        return keys, self._heads(self.v_proj(h))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                allowed: torch.Tensor) -> torch.Tensor:
+        """x: (batch, q, d); keys/values: (batch, heads, k, head_dim); allowed: bool (batch, 1, q, k)."""
+        queries = apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.config.rope_theta)
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape))
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+@dataclass(frozen=True)
+class ContextCache:
+    """The draft layer's keys/values over context units 0 .. length-1 (immutable; extend() copies)."""
+    keys: torch.Tensor    # (1, heads, length, head_dim)
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+class CTCDraftModule(nn.Module):
+    """Trainable parameters: fuse, slot_embed, layer, out_norm, extra_head. The base model's input
+    embedding and LM head rows (for `vocab_ids`) are frozen buffers, never saved with the drafter."""
+
+    def __init__(self, config: DraftConfig, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
+                 head_weight: torch.Tensor, head_bias: torch.Tensor | None = None):
+        super().__init__()
+        if len(vocab_ids) != config.draft_vocab_size:
+            raise ValueError("vocab_ids must hold draft_vocab_size token ids")
+        d = config.hidden_size
+        self.config = config
+        self.fuse = nn.Linear(2 * d, d, bias=False)
+        self.slot_embed = nn.Parameter(torch.randn(config.num_slots, d) * 0.02)
+        self.layer = DraftLayer(config)
+        self.out_norm = RMSNorm(d, config.rms_eps)
+        self.extra_head = nn.Linear(d, 2)  # [other, blank]
+        self.register_buffer("vocab_ids", vocab_ids.to(torch.long), persistent=False)
+        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
+        self.register_buffer("head_weight", head_weight.detach()[vocab_ids], persistent=False)
+        bias = head_bias.detach()[vocab_ids] if head_bias is not None else None
+        self.register_buffer("head_bias", bias, persistent=False)
+        class_of = torch.full((embed_weight.shape[0],), config.other_id, dtype=torch.long)
+        class_of[vocab_ids] = torch.arange(len(vocab_ids))
+        self.register_buffer("class_of_token", class_of, persistent=False)  # token id -> class id
+
+    # -- pieces shared by training and inference ------------------------------------------------
+    def context_units(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """hidden (batch, t, d) of positions j; next_tokens (batch, t) = x_{j+1}."""
+        hidden = hidden.to(self.fuse.weight.dtype)
+        return self.fuse(torch.cat([hidden, F.embedding(next_tokens, self.embed_weight).to(hidden.dtype)], dim=-1))
+
+    def slot_inputs(self, last_units: torch.Tensor) -> torch.Tensor:
+        """(..., d) units of the last context position -> (..., N, d) slot inputs."""
+        return last_units[..., None, :] + self.slot_embed
+
+    def slot_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        x = self.out_norm(outputs)
+        bias = None if self.head_bias is None else self.head_bias.to(x.dtype)
+        vocab = F.linear(x, self.head_weight.to(x.dtype), bias)
+        return torch.cat([vocab, self.extra_head(x)], dim=-1)
+
+    def _slot_pattern(self, device) -> torch.Tensor:
+        n = self.config.num_slots
+        if self.config.slot_attention == "causal":
+            return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+
+    # -- inference --------------------------------------------------------------------------------
+    def extend(self, cache: ContextCache | None, units: torch.Tensor, start: int) -> ContextCache:
+        """A new cache holding `cache` plus `units` (1, m, d) at positions start .. start+m-1."""
+        positions = torch.arange(start, start + units.shape[1], device=units.device)[None]
+        keys, values = self.layer.keys_values(units, positions)
+        if cache is not None:
+            if cache.length != start:
+                raise ValueError(f"context cache holds {cache.length} positions; cannot extend at {start}")
+            keys, values = torch.cat([cache.keys, keys], dim=2), torch.cat([cache.values, values], dim=2)
+        return ContextCache(keys, values)
+
+    def draft_log_probs(self, cache: ContextCache, last_unit: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (N, classes) of the slots after the cache's last position; last_unit (1, d)."""
+        n, t = self.config.num_slots, cache.length - 1
+        slots = self.slot_inputs(last_unit)  # (1, N, d)
+        positions = torch.arange(t + 1, t + 1 + n, device=slots.device)[None]
+        slot_keys, slot_values = self.layer.keys_values(slots, positions)
+        keys = torch.cat([cache.keys, slot_keys], dim=2)
+        values = torch.cat([cache.values, slot_values], dim=2)
+        allowed = torch.cat([torch.ones(n, cache.length, dtype=torch.bool, device=slots.device),
+                             self._slot_pattern(slots.device)], dim=1)[None, None]
+        out = self.layer(slots, positions, keys, values, allowed)
+        return self.slot_logits(out)[0].float().log_softmax(-1)
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        return self.training_logits(hidden, tokens, anchors)
+
+    def training_logits(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Slot logits (batch, S, N, classes) for drafts anchored at positions `anchors` (batch, S).
+
+        hidden (batch, L, d) are the base model's states of `tokens` (batch, L); an anchor t sees
+        units 0..t, i.e. hidden states up to t and tokens up to t+1 (the root).
+        """
+        b, length = tokens.shape
+        n, s = self.config.num_slots, anchors.shape[1]
+        device = hidden.device
+        units = self.context_units(hidden[:, :-1], tokens[:, 1:])  # positions 0 .. L-2
+        ctx_positions = torch.arange(length - 1, device=device).expand(b, -1)
+        ctx_keys, ctx_values = self.layer.keys_values(units, ctx_positions)
+        last = units.gather(1, anchors[..., None].expand(-1, -1, units.shape[-1]))  # (b, S, d)
+        slots = self.slot_inputs(last).reshape(b, s * n, -1)
+        slot_positions = (anchors[..., None] + torch.arange(1, n + 1, device=device)).reshape(b, s * n)
+        slot_keys, slot_values = self.layer.keys_values(slots, slot_positions)
+        keys = torch.cat([ctx_keys, slot_keys], dim=2)
+        values = torch.cat([ctx_values, slot_values], dim=2)
+        sees_context = ctx_positions[:, None, :] <= anchors.repeat_interleave(n, dim=1)[..., None]  # (b, S*N, L-1)
+        group = torch.arange(s, device=device).repeat_interleave(n)
+        same_group = group[:, None] == group[None, :]
+        pattern = self._slot_pattern(device).repeat(s, s)
+        sees_slots = (same_group & pattern).expand(b, -1, -1)
+        allowed = torch.cat([sees_context, sees_slots], dim=2)[:, None]
+        out = self.layer(slots, slot_positions, keys, values, allowed)
+        return self.slot_logits(out).reshape(b, s, n, -1)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+        """Mean loss over drafts with at least one target. targets: class ids (batch, S, K), padded."""
+        c = self.config
+        logits = logits.reshape(-1, c.num_slots, c.num_classes).float()
+        targets = targets.reshape(-1, targets.shape[-1])
+        lengths = target_lengths.reshape(-1)
+        keep = lengths > 0
+        logits, targets, lengths = logits[keep], targets[keep], lengths[keep]
+        if c.loss == "ce":
+            k = min(c.num_slots, targets.shape[1])
+            labels = targets[:, :k].masked_fill(torch.arange(k, device=targets.device) >= lengths[:, None], -100)
+            return F.cross_entropy(logits[:, :k].reshape(-1, c.num_classes), labels.reshape(-1), ignore_index=-100)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (N, drafts, classes)
+        input_lengths = torch.full_like(lengths, c.num_slots)
+        return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=c.blank_id, reduction="mean",
+                          zero_infinity=True)
+
+
+def base_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)

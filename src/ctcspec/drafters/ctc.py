@@ -1,0 +1,91 @@
+"""The CTC drafter: the attention draft module's slots, CTC-transformed into a verification tree.
+
+Per step: the base hidden states of newly accepted positions extend the module's context cache
+(no recomputation of the context), the N slots are run once, the CTC transform turns their
+distributions into collapsed candidates, and the best `tree_budget` trie nodes go to the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ctcspec.checkpoint import default_drafter_dir, load_drafter_module
+from ctcspec.ctc_transform import TRANSFORMS, build_tree, prefix_beam_search, ranked_nodes, topk_alignments
+from ctcspec.draft_module import ContextCache, CTCDraftModule
+from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.errors import CtcspecError
+from ctcspec.tree import TokenTree
+
+DEFAULT_TREE_BUDGET = 16  # used only when neither --tree-budget nor a measured choice is available
+
+
+class CTCDrafter(Drafter):
+    name = "ctc"
+    needs_hidden_states = True
+
+    def __init__(self, module: CTCDraftModule, tree_budget: int = DEFAULT_TREE_BUDGET, transform: str = "beam",
+                 top_k: int = 6, beam_width: int = 16):
+        if transform not in TRANSFORMS:
+            raise CtcspecError(f"unknown CTC transform {transform!r}; choose from: {', '.join(TRANSFORMS)}")
+        if tree_budget < 1:
+            raise CtcspecError("the tree budget must be at least 1 node")
+        self.module = module
+        self.tree_budget, self.transform = tree_budget, transform
+        self.top_k, self.beam_width = top_k, beam_width
+        self._token_of_class = module.vocab_ids.tolist()
+        self._cache: ContextCache | None = None
+
+    def reset(self) -> None:
+        self._cache = None
+
+    def candidates(self, log_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
+        c = self.module.config
+        if self.transform == "topk":
+            return topk_alignments(log_probs, self.top_k, self.beam_width, c.blank_id, c.other_id)
+        return prefix_beam_search(log_probs, self.top_k, self.beam_width, c.blank_id, c.other_id)
+
+    @torch.inference_mode()
+    def propose(self, request: DraftRequest) -> TokenTree:
+        if request.new_hidden is None:
+            raise CtcspecError("the CTC drafter needs the base model's hidden states")
+        device = self.module.embed_weight.device
+        hidden = request.new_hidden.to(device)
+        new = hidden.shape[0]
+        start = len(request.tokens) - 1 - new  # position of the first newly accepted state
+        next_tokens = request.tokens[-new:].to(device)
+        units = self.module.context_units(hidden[None], next_tokens[None])
+        self._cache = self.module.extend(self._cache, units, start)  # a new cache; the old one is not touched
+        log_probs = self.module.draft_log_probs(self._cache, units[:, -1]).cpu()
+        nodes = ranked_nodes(self.candidates(log_probs), max_depth=request.max_depth)
+        return build_tree(nodes, self.tree_budget, self._token_of_class)
+
+
+def load_ctc_drafter(model: torch.nn.Module, path: str | Path | None = None, model_name: str | None = None,
+                     tree_budget: int | None = None, transform: str = "beam") -> CTCDrafter:
+    """A CTC drafter for `model`: from `path`, else the one shipped for the embedded default model.
+
+    Without `tree_budget`, the budget maximising expected tokens per unit time is chosen from the
+    drafter's measured acceptance curve and this machine's verification cost curve.
+    """
+    if path is None:
+        path = default_drafter_dir(model_name) if model_name else None
+        if path is None:
+            raise CtcspecError("no CTC drafter given and none ships for this model: pass --drafter-path DIR "
+                               "(train one with ctcspec distill + ctcspec train)")
+    module, config = load_drafter_module(Path(path), model)
+    drafter = CTCDrafter(module, transform=transform)
+    if tree_budget is None:
+        from ctcspec.costs import choose_tree_budget, machine_cost_curve
+
+        acceptance = {int(b): float(a) for b, a in config.get("acceptance_curve", {}).get(transform, {}).items()}
+        if acceptance:
+            cost = machine_cost_curve(model)
+            tree_budget = choose_tree_budget(acceptance, cost)
+        else:
+            tree_budget = DEFAULT_TREE_BUDGET
+    drafter.tree_budget = tree_budget
+    if tree_budget < 1:
+        raise CtcspecError("--tree-budget must be at least 1")
+    return drafter

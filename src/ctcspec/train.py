@@ -1,0 +1,331 @@
+"""Training the CTC draft module on distilled data (self-distillation).
+
+Each batch: the frozen base model runs the distilled sequences once (teacher forcing) for its last
+hidden states; at a random subset of answer positions t ("anchors") the module's N slots must
+spell out the base model's next K tokens x_{t+2} .. x_{t+1+K} (x_{t+1} is the root, already known)
+under CTC loss. Tokens outside the draft vocabulary become the "other" class, which ends a draft.
+
+Checkpoints (module, optimizer, schedule, step) are written atomically every `checkpoint_every`
+steps; `resume=True` continues from the last one. Batches are a pure function of (seed, step), so a
+resumed run sees the same data a straight run would. Runs unchanged under `accelerate launch`:
+every process takes its share of each batch, gradients are averaged by accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctcspec.checkpoint import build_module, describe_base, save_drafter
+from ctcspec.ctc_transform import TRANSFORMS, accepted_by_budget, prefix_beam_search, ranked_nodes, topk_alignments
+from ctcspec.distill import read_samples
+from ctcspec.draft_module import CTCDraftModule, DraftConfig
+from ctcspec.errors import CtcspecError
+
+BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every"})
+
+
+@dataclass
+class TrainConfig:
+    num_slots: int = 8
+    target_tokens: int = 6
+    slot_attention: str = "bidirectional"
+    loss: str = "ctc"
+    draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
+    steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
+    epochs: float = 2.0
+    batch_size: int = 16             # sequences per step
+    anchors_per_sequence: int = 32   # drafts per sequence per step (position subsampling)
+    max_length: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    heldout_every: int = 50          # every 50th sample (by index) is held out
+    eval_every: int = 100
+    eval_samples: int = 16           # held-out samples for the progress bar's acceptance proxy
+    final_eval_samples: int = 64     # held-out samples for the saved acceptance curves
+    checkpoint_every: int = 200
+    seed: int = 0
+    time_limit_s: float = 0.0        # stop early (and still save the drafter) after this long; 0 = no limit
+
+
+def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens (all tokens when size is 0 or covers the vocabulary)."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter(t for s in samples for t in s["ids"][s["prompt_len"]:])
+    ids = [t for t, _ in counts.most_common(size)]
+    filler = (t for t in range(vocab_size) if t not in set(ids))
+    ids += [next(filler) for _ in range(size - len(ids))]  # tiny data: pad with unseen ids
+    return torch.tensor(sorted(ids))
+
+
+def split_heldout(samples: list[dict], every: int) -> tuple[list[dict], list[dict]]:
+    heldout = [s for s in samples if s["index"] % every == 0]
+    train = [s for s in samples if s["index"] % every != 0]
+    if not train or not heldout:
+        raise CtcspecError(f"need more distilled samples: {len(samples)} give no train/held-out split")
+    return train, heldout
+
+
+def batch_order(samples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (sample positions): shuffled, similar lengths grouped to limit padding."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    chunk = batch_size * 32
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start:start + chunk], key=lambda i: len(samples[i]["ids"]))
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pad_batch(samples: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs = [s["ids"][:max_length] for s in samples]
+    width = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    prompt_lens = torch.tensor([min(s["prompt_len"], max_length) for s in samples])
+    return tokens.to(device), lengths.to(device), prompt_lens.to(device)
+
+
+def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors t in [prompt_len - 1, length - 3] (root and at least one target inside the sequence).
+    Returns anchors (batch, count) and a validity mask; count=0 takes every valid position."""
+    rows, valid_rows = [], []
+    for length, prompt_len in zip(lengths.tolist(), prompt_lens.tolist(), strict=True):
+        positions = list(range(max(prompt_len - 1, 0), length - 2))
+        if count and len(positions) > count:
+            picks = torch.randperm(len(positions), generator=generator)[:count].tolist()
+            positions = sorted(positions[i] for i in picks)
+        rows.append(positions)
+    width = max(1, max(len(r) for r in rows))
+    anchors = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        anchors[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[i, :len(r)] = True
+        valid_rows.append(bool(r))
+    return anchors.to(lengths.device), valid.to(lengths.device)
+
+
+def draft_targets(module: CTCDraftModule, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor,
+                  valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids of x_{t+2} .. x_{t+1+count} per anchor, cut at the sequence end and after the first
+    token outside the draft vocabulary (kept as "other"). Returns (batch, S, count) and lengths."""
+    offsets = torch.arange(2, 2 + count, device=tokens.device)
+    positions = anchors[..., None] + offsets                       # (b, S, count)
+    inside = positions < lengths[:, None, None]
+    gathered = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1).flatten(1)).view(positions.shape)
+    classes = module.class_of_token[gathered]
+    is_other = (classes == module.config.other_id) & inside
+    after_other = (is_other.cumsum(-1) - is_other.long()) > 0    # strictly after the first "other"
+    keep = inside & ~after_other & valid[..., None]
+    target_lengths = keep.sum(-1)
+    return classes.masked_fill(~keep, 0), target_lengths
+
+
+@torch.no_grad()
+def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()
+    out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
+@torch.no_grad()
+def acceptance_curve(module: CTCDraftModule, model, samples: list[dict], transform: str = "beam",
+                     budgets=BUDGETS, max_anchors: int = 48, top_k: int = 6, beam_width: int = 16,
+                     max_length: int = 1024, seed: int = 0) -> dict[int, float]:
+    """Mean draft tokens the base model would accept, per tree budget, on held-out distilled sequences.
+
+    Exact for those positions: the distilled answers are the base model's greedy output, so its
+    hidden states there are what decoding would hand the drafter.
+    """
+    was_training = module.training
+    module.eval()
+    c = module.config
+    totals = [0] * len(budgets)
+    drafts = 0
+    generator = torch.Generator().manual_seed(seed)
+    device = module.embed_weight.device
+    for sample in samples:
+        tokens, lengths, prompt_lens = pad_batch([sample], max_length, device)
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, generator)
+        anchors, valid = anchors.to(device), valid.to(device)
+        hidden = base_hidden(model, tokens, lengths)
+        log_probs = module.training_logits(hidden, tokens, anchors).float().log_softmax(-1)[0].cpu()
+        truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, c.num_slots)
+        for a in range(anchors.shape[1]):
+            if not bool(valid[0, a]):
+                continue
+            n = int(truth_lengths[0, a])
+            target = [t for t in truth[0, a, :n].tolist() if t != c.other_id]
+            if transform == "topk":
+                candidates = topk_alignments(log_probs[a], top_k, beam_width, c.blank_id, c.other_id)
+            else:
+                candidates = prefix_beam_search(log_probs[a], top_k, beam_width, c.blank_id, c.other_id)
+            accepted = accepted_by_budget(ranked_nodes(candidates), target, budgets)
+            totals = [x + y for x, y in zip(totals, accepted, strict=True)]
+            drafts += 1
+    module.train(was_training)
+    return {b: total / max(drafts, 1) for b, total in zip(budgets, totals, strict=True)}
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def read_data(data_dirs: list[Path]) -> list[dict]:
+    """Samples of several distilled directories; indices offset per directory so they stay distinct."""
+    samples = []
+    for k, directory in enumerate(data_dirs):
+        samples += [{**s, "index": s["index"] + k * 10_000_000} for s in read_samples(Path(directory))]
+    return samples
+
+
+def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train a CTC drafter for `model` on the distilled samples of `data_dirs`; writes it to `out_dir`."""
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    samples = read_data([Path(d) for d in data_dirs])
+    train_set, heldout = split_heldout(samples, config.heldout_every)
+    checkpoint_path = out_dir / CHECKPOINT
+    state = None
+    if resume:
+        if not checkpoint_path.exists():
+            raise CtcspecError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in RESUMABLE_CHANGES and state["train_config"].get(k) != v)
+        if changed:
+            raise CtcspecError(f"--resume with different training options ({', '.join(changed)}); "
+                               "use the original options or a new --out")
+        vocab_ids = state["vocab_ids"]
+    else:
+        vocab_ids = draft_vocabulary(train_set, config.draft_vocab, model.get_output_embeddings().weight.shape[0])
+    hidden_size = model.config.hidden_size
+    draft_config = DraftConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
+                               intermediate_size=getattr(model.config, "intermediate_size", 4 * hidden_size),
+                               draft_vocab_size=len(vocab_ids), num_slots=config.num_slots,
+                               target_tokens=config.target_tokens, slot_attention=config.slot_attention,
+                               loss=config.loss)
+    torch.manual_seed(config.seed)
+    module = build_module(draft_config, vocab_ids, model).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = config.steps or max(1, int(config.epochs * steps_per_epoch))
+    step, elapsed = 0, 0.0
+    if state is not None:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, config.warmup),
+                                                  last_epoch=step - 1 if step else -1)
+    if state is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    module, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(module)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    smoothed, proxy = None, None
+    start = time.perf_counter() - elapsed
+    tokens_seen = 0
+    stopped_early = False
+    while step < total_steps:
+        if config.time_limit_s and time.perf_counter() - start > config.time_limit_s:
+            stopped_early = True
+            break
+        epoch, index = divmod(step, steps_per_epoch)
+        batches = batch_order(train_set, config.batch_size, config.seed, epoch)
+        if index >= len(batches):
+            step += 1
+            continue
+        share = batches[index][rank::world] or batches[index][:1]
+        tokens, lengths, prompt_lens = pad_batch([train_set[i] for i in share], config.max_length, device)
+        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generator)
+        anchors, valid = anchors.to(device), valid.to(device)
+        hidden = base_hidden(model, tokens, lengths)
+        targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, config.target_tokens)
+        logits = module(hidden, tokens, anchors)  # through the wrapper, so accelerate syncs gradients
+        loss = inner.loss(logits, targets, target_lengths)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(lengths.sum())
+        value = loss.item()
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if accelerator.is_main_process and (step % config.eval_every == 0 or step == total_steps):
+            curve = acceptance_curve(inner, model, heldout[:config.eval_samples], budgets=(16,),
+                                     max_length=config.max_length)
+            proxy = 1 + curve[16]
+        if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == total_steps):
+            _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
+                             vocab_ids, config)
+        bar.set_postfix(loss=f"{smoothed:.3f}", beta16="-" if proxy is None else f"{proxy:.2f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = {}
+    if accelerator.is_main_process:
+        curves = {t: acceptance_curve(inner, model, heldout[:config.final_eval_samples], transform=t,
+                                      max_length=config.max_length) for t in TRANSFORMS}
+        if stopped_early:
+            _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
+                             vocab_ids, config)
+        summary = {"steps": step, "planned_steps": total_steps, "train_seconds": round(seconds, 1),
+                   "train_samples": len(train_set),
+                   "heldout_samples": len(heldout), "train_tokens": sum(len(s["ids"]) for s in train_set),
+                   "device": str(device), "processes": world, "data": [str(d) for d in data_dirs],
+                   "config": asdict(config)}
+        save_drafter(out_dir, inner, describe_base(model),
+                     {"training": summary, "acceptance_curve": {t: {str(b): a for b, a in c.items()}
+                                                                for t, c in curves.items()}})
+        summary["acceptance_curve"] = curves
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, elapsed: float, vocab_ids,
+                     config: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "elapsed_s": elapsed,
+                "vocab_ids": vocab_ids, "train_config": asdict(config)}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str)
