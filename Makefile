@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (set up, then benchmark vanilla vs lookup on the embedded default model)
+# Two entry points: `make demo` (set up, then benchmark vanilla vs lookup vs the shipped CTC drafter on the
+# embedded default model)
 # and `make test` (set up, then run the test suite). Everything lives in ./.venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ctcspec bench --questions builtin --drafters vanilla,lookup --max-new-tokens 128 --threads 1 \
+	$(VENV)/bin/ctcspec bench --questions builtin --drafters vanilla,lookup,ctc,ctc+lookup --max-new-tokens 128 --threads 1 \
 		--out runs/demo.json
 
 test: setup

@@ -44,11 +44,5 @@ abl fullvocab --draft-vocab 0 &
 wait
 t2=$(date +%s)
 echo "train: $((t2 - t1)) s"
-python scripts/collect_ablations.py "$WORK" "$OUT/ablations.json"
-cp -r "$WORK/abl-ce" "$OUT/ctc-ce-loss" 2>/dev/null && rm -f "$OUT/ctc-ce-loss/checkpoint.pt"
-for f in "$WORK"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v -E '^(train|distill|self-instruct):' ; done \
-  > "$OUT/logs.txt"
-grep -h -E '"(steps|train_seconds|train_tokens)"' "$WORK"/abl-*.log "$WORK"/train_default.log
-(cd "$WORK" && tar czf - gsm8k/samples.jsonl self/samples.jsonl self/self_instruct.jsonl gsm8k/meta.json) \
-  > "$OUT/distilled.tar.gz"
-rm -f "$OUT/ctc/checkpoint.pt"
+bash scripts/gpu_pack_results.sh "$WORK" "$OUT" distilled.tar.gz \
+  gsm8k/samples.jsonl self/samples.jsonl self/self_instruct.jsonl gsm8k/meta.json

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ctc_helpers import tiny_ctc_drafter
 
 from conftest import VOCAB, hf_greedy, tiny_model
 from ctcspec.drafters import DRAFTERS, make_drafter
 from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.drafters.hybrid import CTCLookupDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.tree import TokenTree
 
@@ -59,13 +61,15 @@ def prompts(count: int = 32) -> list[list[int]]:
     return out
 
 
-def drafters_for(prompt, answer):
+def drafters_for(prompt, answer, model):
+    ctc = tiny_ctc_drafter(model, seed=len(prompt), tree_budget=12)
     return [make_drafter("vanilla"), make_drafter("lookup"), make_drafter("lookup", min_ngram=1, max_nodes=40),
+            ctc, CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), make_drafter("lookup", min_ngram=1)),
             RandomTreeDrafter(len(prompt)), OracleDrafter(prompt, answer)]
 
 
 def test_all_registered_drafters_are_exercised():
-    assert set(DRAFTERS) <= {"vanilla", "lookup"}  # extend drafters_for when a drafter is added
+    assert set(DRAFTERS) <= {"vanilla", "lookup", "ctc", "ctc+lookup"}  # extend drafters_for when adding one
 
 
 def test_identical_to_hf_generate_on_32_prompts(arch_model):
@@ -74,7 +78,7 @@ def test_identical_to_hf_generate_on_32_prompts(arch_model):
     for prompt in prompts():
         expected = hf_greedy(model, prompt, max_new)
         assert len(expected) == max_new
-        for drafter in drafters_for(prompt, expected):
+        for drafter in drafters_for(prompt, expected, model):
             got = SpeculativeEngine(model, drafter).generate(prompt, max_new)
             assert got.tokens == expected, f"{arch}/{drafter.name} prompt={prompt[:8]}..."
             assert got.stats.stop_reason == "max_new_tokens"
@@ -87,7 +91,7 @@ def test_identical_when_eos_ends_the_answer(arch_model):
         eos = free[len(free) // 3]  # a token the model really emits, a third of the way in
         expected = hf_greedy(model, prompt, 40, eos=eos)
         assert expected[-1] == eos and len(expected) < 40 or eos not in expected[:-1]
-        for drafter in drafters_for(prompt, expected):
+        for drafter in drafters_for(prompt, expected, model):
             got = SpeculativeEngine(model, drafter, eos_token_ids=[eos]).generate(prompt, 40)
             assert got.tokens == expected, f"{arch}/{drafter.name}"
             assert got.stats.stop_reason == "eos"
@@ -115,7 +119,7 @@ def test_eager_attention_gives_the_same_output():
     model = tiny_model("llama", attn="eager")
     for prompt in prompts(8):
         expected = hf_greedy(model, prompt, 32)
-        for drafter in drafters_for(prompt, expected):
+        for drafter in drafters_for(prompt, expected, model):
             assert SpeculativeEngine(model, drafter).generate(prompt, 32).tokens == expected
 
 

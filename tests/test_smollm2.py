@@ -10,6 +10,7 @@ import torch
 from conftest import hf_greedy
 from ctcspec.drafters import make_drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.models import DEFAULT_MODEL
 from ctcspec.prompts import encode_chat
 
 pytestmark = pytest.mark.slow
@@ -35,13 +36,15 @@ def smollm2():
 def test_identical_to_hf_generate_on_smollm2(smollm2):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     eos = sorted(eos_ids_of(model))
+    drafters = [make_drafter(name, model=model, model_name=DEFAULT_MODEL, tree_budget=8)
+                for name in ("vanilla", "lookup", "ctc", "ctc+lookup")]
     stops = set()
     for text in PROMPTS:
         prompt = encode_chat(tokenizer, [{"role": "user", "content": text}])
         expected = hf_greedy(model, prompt, 96, eos=eos[0])
-        for name in ("vanilla", "lookup"):
-            got = SpeculativeEngine(model, make_drafter(name)).generate(prompt, 96)
-            assert got.tokens == expected, f"{name}: {text}"
+        for drafter in drafters:
+            got = SpeculativeEngine(model, drafter).generate(prompt, 96)
+            assert got.tokens == expected, f"{drafter.name}: {text}"
             stops.add(got.stats.stop_reason)
     assert stops == {"eos", "max_new_tokens"}  # both ways of ending are exercised
 
@@ -51,3 +54,12 @@ def test_chat_template_and_weights_load(smollm2):
     assert smollm2.model.dtype == torch.float32
     ids = encode_chat(smollm2.tokenizer, [{"role": "user", "content": "hi"}])
     assert "<|im_start|>assistant" in smollm2.tokenizer.decode(ids)
+
+
+def test_shipped_ctc_drafter_is_small_and_chooses_a_measured_budget(smollm2):
+    from ctcspec.checkpoint import default_drafter_dir
+
+    directory = default_drafter_dir(DEFAULT_MODEL)
+    assert sum(f.stat().st_size for f in directory.iterdir()) < 30e6
+    drafter = make_drafter("ctc", model=smollm2.model, model_name=DEFAULT_MODEL)  # budget from the cost curve
+    assert 1 <= drafter.tree_budget <= 64

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--self-instruct", type=int, default=0,
                          help="also ask the base model to write this many diverse user requests and answer them")
     distill.add_argument("--templated", action="store_true",
-                         help="also answer the built-in topic x task request templates (960 prompts)")
+                         help="also answer the built-in topic x task request templates (6360 prompts)")
     distill.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
     distill.add_argument("--max-new-tokens", type=int, default=256)
     distill.add_argument("--batch-size", type=int, default=16)

@@ -58,6 +58,10 @@ def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZ
         return {int(q): float(s) for q, s in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         pass
+    import sys
+
+    print("ctcspec: measuring this machine's verification cost curve once (a few seconds) ...", file=sys.stderr,
+          flush=True)
     curve = verify_cost_curve(model, list(sizes), repeats=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(curve))

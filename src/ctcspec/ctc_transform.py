@@ -57,11 +57,15 @@ def topk_alignments(log_probs: torch.Tensor, top_k: int, num_paths: int, blank: 
 
 def prefix_beam_search(log_probs: torch.Tensor, top_k: int, beam_width: int, blank: int,
                        other: int) -> dict[tuple[int, ...], float]:
-    """CTC prefix beam search; probability of each surviving prefix after the last frame."""
+    """CTC prefix beam search; probability of each surviving prefix after the last frame.
+
+    Classes are draft-vocabulary tokens first, then "other" and blank; each frame extends the
+    beam with its `top_k` most probable tokens (a prefix's last token is always considered too,
+    as a repeat that merges into it).
+    """
     probs = log_probs.exp()
     frames = probs.tolist()
-    tokens = probs.clone()
-    tokens[:, [blank, other]] = 0.0  # candidates to extend with are real tokens only
+    tokens = probs[:, :min(blank, other)]  # real tokens come first; "other" and blank are the last classes
     top = tokens.topk(min(top_k, tokens.shape[1]), dim=-1).indices.tolist()
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}  # prefix -> (ends in blank, not)
     for frame, extend_with in zip(frames, top, strict=True):
@@ -75,7 +79,8 @@ def prefix_beam_search(log_probs: torch.Tensor, top_k: int, beam_width: int, bla
             for cls in extend_with:
                 p = frame[cls]
                 if prefix and cls == prefix[-1]:
-                    grown[prefix + (cls,)][1] += pb * p  # a repeated token needs a blank between
+                    if pb > 0.0:  # a repeated token needs a blank between
+                        grown[prefix + (cls,)][1] += pb * p
                 else:
                     grown[prefix + (cls,)][1] += total * p
         best = sorted(grown.items(), key=lambda item: item[1][0] + item[1][1], reverse=True)[:beam_width]

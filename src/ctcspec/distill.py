@@ -37,7 +37,25 @@ TOPICS = (
     "language learning", "painting", "sports training", "pets", "law and contracts", "medieval castles",
     "space exploration", "cybersecurity", "psychology", "statistics", "novels and storytelling",
     "email etiquette", "customer support", "mathematical puzzles", "sorting algorithms", "SQL queries",
+
+    "Roman emperors", "the printing press", "jazz", "hip hop", "impressionist painting", "Shakespeare",
+    "Greek philosophy", "the industrial revolution", "World War II", "the Cold War", "democracy", "human rights",
+    "supply and demand", "inflation", "stock markets", "cryptocurrency", "small business marketing",
+    "remote work", "leadership", "team conflicts", "friendship", "moving to a new city", "minimalism",
+    "meditation", "running a marathon", "yoga", "basketball", "soccer tactics", "the Olympic games",
+    "board games", "magic tricks", "birds", "dinosaurs", "rainforests", "deserts", "oceans", "earthquakes",
+    "the water cycle", "photosynthesis", "black holes", "the solar system", "Mars colonization", "satellites",
+    "the internet", "smartphones", "artificial intelligence ethics", "robots", "3D printing", "batteries",
+    "recycling", "plastic pollution", "bees", "coffee", "tea ceremonies", "baking bread", "vegetarian recipes",
+    "wine regions", "street food", "Japanese culture", "Indian history", "African geography", "South America",
+    "the Arctic", "lighthouses", "trains", "airplanes", "bicycles", "car maintenance", "home repair",
+    "interior design", "fashion history", "knitting", "woodworking", "poker odds", "prime numbers",
+    "fractions", "percentages", "calculus", "graph theory", "recursion", "linked lists", "hash tables",
+    "regular expressions", "JavaScript", "C++ memory management", "unit testing", "git", "APIs",
+    "cloud computing", "operating systems", "computer networks", "encryption", "spreadsheets",
+    "resume writing", "college applications", "studying for exams", "teaching kids to read", "dogs", "cats",
 )
+
 TASKS = (
     "short creative writing request (a story, poem or letter)", "role-play request where the assistant plays "
     "a character", "question that needs step-by-step reasoning", "math word problem", "coding task",
@@ -68,6 +86,31 @@ TEMPLATES = (
     "Compare two different approaches to {topic} in a short table.",
     "Invent a word problem involving {topic} that needs arithmetic, then solve it.",
     "List the key terms of {topic} with a one-sentence definition each.",
+
+    "Write a travel blog post about a trip that taught you something about {topic}.",
+    "Act as a customer support agent and answer a frustrated customer's question about {topic}.",
+    "Imagine you are a detective in a story about {topic}. Describe the first clue you find.",
+    "Write a short speech for a school graduation that mentions {topic}.",
+    "Write a product description for a new gadget related to {topic}.",
+    "Draft a tweet thread of four tweets about {topic}.",
+    "Write a limerick about {topic}.",
+    "Explain the history of {topic} in two paragraphs.",
+    "What would happen if {topic} disappeared tomorrow? Reason it through.",
+    "Give a step-by-step plan for a beginner to learn {topic} in one month.",
+    "Write an argument for and an argument against investing public money in {topic}.",
+    "Describe {topic} using only simple words, as if to a friend.",
+    "Write a short news report about a surprising discovery in {topic}.",
+    "Write interview questions for a job related to {topic}, with model answers.",
+    "Solve a simple logic puzzle about {topic} that you invent, explaining each step.",
+    "Write a JavaScript function related to {topic} and explain how it works.",
+    "Write a SQL query for a small database about {topic} and explain it.",
+    "Fix a bug: write a short buggy Python snippet about {topic}, then show the corrected version.",
+    "Write a letter from a grandparent to a grandchild about {topic}.",
+    "Summarize a fictional research paper about {topic} with title, method and results.",
+    "Role-play as a tour guide showing visitors an exhibition about {topic}.",
+    "Write the opening paragraph of a fantasy novel set in a world shaped by {topic}.",
+    "Estimate, with rough numbers and clear assumptions, something measurable about {topic}.",
+    "Write a short essay on the ethical questions raised by {topic}.",
 )
 
 

@@ -196,9 +196,13 @@ def _lr_factor(step: int, total: int, warmup: float) -> float:
 
 def read_data(data_dirs: list[Path]) -> list[dict]:
     """Samples of several distilled directories; indices offset per directory so they stay distinct."""
-    samples = []
+    samples, seen = [], set()
     for k, directory in enumerate(data_dirs):
-        samples += [{**s, "index": s["index"] + k * 10_000_000} for s in read_samples(Path(directory))]
+        for s in read_samples(Path(directory)):
+            prompt = tuple(s["ids"][:s["prompt_len"]])
+            if prompt not in seen:  # the same prompt in two directories: keep one (no held-out leaks)
+                seen.add(prompt)
+                samples.append({**s, "index": s["index"] + k * 10_000_000})
     return samples
 
 

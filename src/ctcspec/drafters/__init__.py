@@ -7,8 +7,7 @@ from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
 
-DRAFTERS = ("vanilla", "lookup", "ctc")
-TRAINED = frozenset({"ctc"})  # drafters that need a trained checkpoint and the base model
+DRAFTERS = ("vanilla", "lookup", "ctc", "ctc+lookup")
 
 
 def check_drafter_name(name: str) -> str:
@@ -29,9 +28,10 @@ def make_drafter(name: str, model=None, model_name: str | None = None, drafter_p
     if model is None:
         raise CtcspecError(f"the {name} drafter needs the base model")
     from ctcspec.drafters.ctc import load_ctc_drafter
+    from ctcspec.drafters.hybrid import CTCLookupDrafter
 
-    return load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget,
-                            transform=transform)
+    ctc = load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget, transform=transform)
+    return ctc if name == "ctc" else CTCLookupDrafter(ctc)
 
 
 __all__ = ["DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "check_drafter_name",

@@ -62,6 +62,26 @@ class CTCDrafter(Drafter):
         return build_tree(nodes, self.tree_budget, self._token_of_class)
 
 
+def drafting_seconds(drafter: CTCDrafter, context: int = 256, repeats: int = 5) -> float:
+    """Median time of one propose() step on a random context (hidden states and tokens)."""
+    import statistics
+    import time
+
+    module = drafter.module
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, module.embed_weight.shape[0], (context + repeats + 1,), generator=gen)
+    hidden = torch.randn(context + repeats, module.config.hidden_size, generator=gen).to(module.embed_weight.dtype)
+    drafter.reset()
+    drafter.propose(DraftRequest(tokens[:context + 1], 16, hidden[:context]))
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        drafter.propose(DraftRequest(tokens[:context + i + 2], 16, hidden[context + i:context + i + 1]))
+        times.append(time.perf_counter() - start)
+    drafter.reset()
+    return statistics.median(times)
+
+
 def load_ctc_drafter(model: torch.nn.Module, path: str | Path | None = None, model_name: str | None = None,
                      tree_budget: int | None = None, transform: str = "beam") -> CTCDrafter:
     """A CTC drafter for `model`: from `path`, else the one shipped for the embedded default model.
@@ -82,7 +102,7 @@ def load_ctc_drafter(model: torch.nn.Module, path: str | Path | None = None, mod
         acceptance = {int(b): float(a) for b, a in config.get("acceptance_curve", {}).get(transform, {}).items()}
         if acceptance:
             cost = machine_cost_curve(model)
-            tree_budget = choose_tree_budget(acceptance, cost)
+            tree_budget = choose_tree_budget(acceptance, cost, draft_cost=drafting_seconds(drafter))
         else:
             tree_budget = DEFAULT_TREE_BUDGET
     drafter.tree_budget = tree_budget
