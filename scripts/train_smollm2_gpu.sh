@@ -31,7 +31,9 @@ wait
 t1=$(date +%s)
 echo "distill: $((t1 - t0)) s; samples: $(cat "$WORK"/gsm8k/samples.jsonl | wc -l) gsm8k, $(cat "$WORK"/self/samples.jsonl | wc -l) self-instruct"
 
-common=(--data "$WORK/gsm8k" "$WORK/self" --batch-size "$TRAIN_BATCH" --time-limit-s "$TRAIN_LIMIT_S")
+# round 1 used N=8 slots, K=6 targets, 32 anchors per sequence (the defaults then); variants override them
+common=(--data "$WORK/gsm8k" "$WORK/self" --batch-size "$TRAIN_BATCH" --time-limit-s "$TRAIN_LIMIT_S"
+        --num-slots 8 --target-tokens 6 --anchors-per-sequence 32)
 ctc train "${common[@]}" --epochs "$EPOCHS" --out "$OUT/ctc" > "$WORK/train_default.log" 2>&1 &
 abl() { name=$1; shift; ctc train "${common[@]}" --epochs "$ABLATION_EPOCHS" --out "$WORK/abl-$name" "$@" \
           > "$WORK/abl-$name.log" 2>&1; }

@@ -25,7 +25,8 @@ timeout "$DISTILL_LIMIT_S" python -m ctcspec distill --device "$DEVICE" --templa
   --max-new-tokens "${MAX_NEW:-256}" --batch-size "$BATCH" --out "$WORK/templ2" > "$WORK/distill_templ2.log" 2>&1 &
 distill=$!
 abl() { name=$1; shift; ctc train --data "$WORK/gsm8k" "$WORK/self" --batch-size "$TRAIN_BATCH" --epochs 1 \
-          --time-limit-s 240 --out "$WORK/abl-$name" "$@" > "$WORK/abl-$name.log" 2>&1; }
+          --num-slots 8 --target-tokens 6 --anchors-per-sequence 32 --time-limit-s 240 --out "$WORK/abl-$name" "$@" \
+          > "$WORK/abl-$name.log" 2>&1; }
 abl causal --slot-attention causal &
 abl ce --loss ce --target-tokens 8 &
 wait $distill

@@ -179,10 +179,9 @@ def format_table(report: dict) -> str:
     for name, s in systems.items():
         rows.append([
             name, f"{s['beta']:.2f}", f"{s['tokens_per_s']:.1f}",
-            f"{s.get('speedup_vs_vanilla', float('nan')):.2f}x",
-            f"{s.get('median_speedup_vs_vanilla', float('nan')):.2f}x",
-            f"{s.get('speedup_vs_hf_generate', float('nan')):.2f}x",
-            f"{s.get('median_speedup_vs_hf_generate', float('nan')):.2f}x",
+            *(f"{s[key]:.2f}x" if key in s else "-" for key in (
+                "speedup_vs_vanilla", "median_speedup_vs_vanilla", "speedup_vs_hf_generate",
+                "median_speedup_vs_hf_generate")),
             f"{100 * s['draft_share']:.1f}", f"{100 * s['bookkeeping_share']:.1f}",
             str(s.get("outputs_differing_from_vanilla", "-")),
         ])

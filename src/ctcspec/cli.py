@@ -14,7 +14,8 @@ from ctcspec.models import DEFAULT_MODEL
 from ctcspec.prompts import require_prompt
 from ctcspec.train import TrainConfig
 
-DEFAULT_DRAFTERS = "vanilla,lookup,ctc"
+DEFAULT_DRAFTERS = "vanilla,lookup"
+WITH_CTC = "vanilla,lookup,ctc,ctc+lookup"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate greedily from one prompt; output equals plain greedy decoding.")
     _add_model_args(gen)
     gen.add_argument("--drafter", default=None,
-                     help="vanilla | lookup | ctc (default: ctc when a trained drafter is available, else lookup)")
+                     help="vanilla | lookup | ctc | ctc+lookup (default: ctc with --drafter-path, else lookup)")
     _add_ctc_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
@@ -60,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--questions", default="builtin",
                        help="question jsonl (FastChat or GSM8K format), or 'builtin' for the demo set (default)")
-    bench.add_argument("--drafters", default=DEFAULT_DRAFTERS, help=f"comma-separated (default: {DEFAULT_DRAFTERS})")
+    bench.add_argument("--drafters", default=None,
+                       help=f"comma-separated (default: {WITH_CTC} when a CTC drafter is available for the model, "
+                            f"else {DEFAULT_DRAFTERS})")
     bench.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     bench.add_argument("--per-category", type=int, default=None,
                        help="use only the first N questions of each category (applied before --limit)")
@@ -156,7 +159,6 @@ def _make(name: str, args, loaded):
 
 
 def cmd_generate(args) -> int:
-    from ctcspec.checkpoint import default_drafter_dir
     from ctcspec.drafters import check_drafter_name
     from ctcspec.engine import SpeculativeEngine
     from ctcspec.prompts import encode
@@ -166,7 +168,7 @@ def cmd_generate(args) -> int:
         raise CtcspecError("--max-new-tokens must be at least 1")
     _check_ctc_args(args)
     if args.drafter is None:
-        args.drafter = "ctc" if (args.drafter_path or default_drafter_dir(args.model)) else "lookup"
+        args.drafter = "ctc" if args.drafter_path else "lookup"  # lookup: the fastest here on chat prompts
     check_drafter_name(args.drafter)
     loaded = _load(args)
     drafter = _make(args.drafter, args, loaded)
@@ -190,9 +192,12 @@ def cmd_generate(args) -> int:
 
 def cmd_bench(args) -> int:
     from ctcspec.bench import format_category_table, format_table, run_bench, write_report
+    from ctcspec.checkpoint import default_drafter_dir
     from ctcspec.drafters import check_drafter_name
     from ctcspec.prompts import load_questions, select_questions
 
+    if args.drafters is None:
+        args.drafters = WITH_CTC if (args.drafter_path or default_drafter_dir(args.model)) else DEFAULT_DRAFTERS
     names = [check_drafter_name(d.strip()) for d in args.drafters.split(",") if d.strip()]  # before loading
     if "vanilla" not in names:
         names.insert(0, "vanilla")  # the reference every speedup is measured against

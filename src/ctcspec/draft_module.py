@@ -32,8 +32,8 @@ class DraftConfig:
     num_heads: int
     intermediate_size: int
     draft_vocab_size: int
-    num_slots: int = 8             # N: slots per draft
-    target_tokens: int = 6         # K: next tokens each training alignment must spell out
+    num_slots: int = 6             # N: slots per draft
+    target_tokens: int = 4         # K: next tokens each training alignment must spell out
     slot_attention: str = "bidirectional"
     loss: str = "ctc"              # "ce": slot i predicts token t+1+i with cross-entropy (ablation)
     rope_theta: float = 10000.0

@@ -37,15 +37,15 @@ RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "fi
 
 @dataclass
 class TrainConfig:
-    num_slots: int = 8
-    target_tokens: int = 6
+    num_slots: int = 6               # defaults: the shipped SmolLM2 drafter's recipe (docs/ctc.md)
+    target_tokens: int = 4
     slot_attention: str = "bidirectional"
     loss: str = "ctc"
     draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
     steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
     epochs: float = 2.0
-    batch_size: int = 16             # sequences per step
-    anchors_per_sequence: int = 32   # drafts per sequence per step (position subsampling)
+    batch_size: int = 32             # sequences per step
+    anchors_per_sequence: int = 64   # drafts per sequence per step (position subsampling)
     max_length: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.01
