@@ -64,6 +64,8 @@ def test_distill_train_generate_end_to_end(capsys, tmp_path, tiny_model_dir):
                        "--batch-size", 16, "--limit", 20, "--out", data)
     assert code == 0, err
     assert len(read_samples(data)) == 20
+    with (data / "samples.jsonl").open("a") as f:
+        f.write('{"index": 25, "prompt_len": 3, "ids": [1, 2')  # a run killed mid-write
     code, _, err = run(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", 24,
                        "--batch-size", 16, "--out", data)  # resumes: only the 20 new prompts are answered
     assert code == 0, err

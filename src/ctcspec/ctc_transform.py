@@ -64,11 +64,14 @@ def prefix_beam_search(log_probs: torch.Tensor, top_k: int, beam_width: int, bla
     as a repeat that merges into it).
     """
     probs = log_probs.exp()
-    frames = probs.tolist()
     tokens = probs[:, :min(blank, other)]  # real tokens come first; "other" and blank are the last classes
-    top = tokens.topk(min(top_k, tokens.shape[1]), dim=-1).indices.tolist()
+    top = tokens.topk(min(top_k, tokens.shape[1]), dim=-1).indices
+    # Every prefix is built from top-k tokens, so those columns (and blank) are all the search reads:
+    # move only them to Python, never a whole vocabulary row.
+    columns = sorted({*top.flatten().tolist(), blank})
+    frames = [dict(zip(columns, row, strict=True)) for row in probs[:, columns].tolist()]
     beams: dict[tuple[int, ...], tuple[float, float]] = {(): (1.0, 0.0)}  # prefix -> (ends in blank, not)
-    for frame, extend_with in zip(frames, top, strict=True):
+    for frame, extend_with in zip(frames, top.tolist(), strict=True):
         grown: dict[tuple[int, ...], list[float]] = defaultdict(lambda: [0.0, 0.0])
         p_blank = frame[blank]
         for prefix, (pb, pnb) in beams.items():

@@ -249,6 +249,13 @@ def read_samples(data_dir: Path) -> list[dict]:
     return samples
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed mid-write leaves a line without its newline; cut it so appending stays valid."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
 def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
             batch_size: int = 16, progress: bool = True) -> Path:
     """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped."""
@@ -266,6 +273,8 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
                                     indent=2) + "\n")
     samples_path = out_dir / SAMPLES_FILE
+    if samples_path.exists():
+        _drop_partial_last_line(samples_path)
     done = {s["index"] for s in read_samples(out_dir)} if samples_path.exists() else set()
     eos = sorted(eos_ids_of(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)

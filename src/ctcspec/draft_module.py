@@ -75,11 +75,15 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rotary_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    half = head_dim // 2
+    return theta ** (-torch.arange(half, dtype=torch.float32) / half)
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding; x is (batch, heads, time, head_dim), positions (batch, time)."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = (positions.to(torch.float32)[..., None] * freqs)[:, None]  # (batch, 1, time, half)
+    angles = (positions.to(torch.float32)[..., None] * freqs.float())[:, None]  # (batch, 1, time, half)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -98,6 +102,8 @@ class DraftLayer(nn.Module):
         self.mlp_norm = RMSNorm(d, config.rms_eps)
         self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        freqs = rotary_frequencies(d // config.num_heads, config.rope_theta)
+        self.register_buffer("rotary_freqs", freqs, persistent=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -105,13 +111,14 @@ class DraftLayer(nn.Module):
 
     def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.attn_norm(x)
-        keys = apply_rotary(self._heads(self.k_proj(h)), positions, self.config.rope_theta)
+        keys = apply_rotary(self._heads(self.k_proj(h)), positions, self.rotary_freqs)
         return keys, self._heads(self.v_proj(h))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                allowed: torch.Tensor) -> torch.Tensor:
-        """x: (batch, q, d); keys/values: (batch, heads, k, head_dim); allowed: bool (batch, 1, q, k)."""
-        queries = apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.config.rope_theta)
+                allowed: torch.Tensor | None) -> torch.Tensor:
+        """x: (batch, q, d); keys/values: (batch, heads, k, head_dim); allowed: bool (batch, 1, q, k), or
+        None when every query may see every key."""
+        queries = apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.rotary_freqs)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape))
         h = self.mlp_norm(x)
@@ -153,6 +160,10 @@ class CTCDraftModule(nn.Module):
         class_of = torch.full((embed_weight.shape[0],), config.other_id, dtype=torch.long)
         class_of[vocab_ids] = torch.arange(len(vocab_ids))
         self.register_buffer("class_of_token", class_of, persistent=False)  # token id -> class id
+        pattern = torch.ones(config.num_slots, config.num_slots, dtype=torch.bool)
+        if config.slot_attention == "causal":
+            pattern = pattern.tril()
+        self.register_buffer("slot_pattern", pattern, persistent=False)  # which slots each slot sees
 
     # -- pieces shared by training and inference ------------------------------------------------
     def context_units(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
@@ -170,11 +181,6 @@ class CTCDraftModule(nn.Module):
         vocab = F.linear(x, self.head_weight.to(x.dtype), bias)
         return torch.cat([vocab, self.extra_head(x)], dim=-1)
 
-    def _slot_pattern(self, device) -> torch.Tensor:
-        n = self.config.num_slots
-        if self.config.slot_attention == "causal":
-            return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        return torch.ones(n, n, dtype=torch.bool, device=device)
 
     # -- inference --------------------------------------------------------------------------------
     def extend(self, cache: ContextCache | None, units: torch.Tensor, start: int) -> ContextCache:
@@ -195,8 +201,10 @@ class CTCDraftModule(nn.Module):
         slot_keys, slot_values = self.layer.keys_values(slots, positions)
         keys = torch.cat([cache.keys, slot_keys], dim=2)
         values = torch.cat([cache.values, slot_values], dim=2)
-        allowed = torch.cat([torch.ones(n, cache.length, dtype=torch.bool, device=slots.device),
-                             self._slot_pattern(slots.device)], dim=1)[None, None]
+        allowed = None  # bidirectional slots see every context unit and every slot
+        if self.config.slot_attention == "causal":
+            allowed = torch.cat([torch.ones(n, cache.length, dtype=torch.bool, device=slots.device),
+                                 self.slot_pattern], dim=1)[None, None]
         out = self.layer(slots, positions, keys, values, allowed)
         return self.slot_logits(out)[0].float().log_softmax(-1)
 
@@ -225,7 +233,7 @@ class CTCDraftModule(nn.Module):
         sees_context = ctx_positions[:, None, :] <= anchors.repeat_interleave(n, dim=1)[..., None]  # (b, S*N, L-1)
         group = torch.arange(s, device=device).repeat_interleave(n)
         same_group = group[:, None] == group[None, :]
-        pattern = self._slot_pattern(device).repeat(s, s)
+        pattern = self.slot_pattern.repeat(s, s)
         sees_slots = (same_group & pattern).expand(b, -1, -1)
         allowed = torch.cat([sees_context, sees_slots], dim=2)[:, None]
         out = self.layer(slots, slot_positions, keys, values, allowed)

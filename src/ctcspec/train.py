@@ -107,7 +107,7 @@ def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchors t in [prompt_len - 1, length - 3] (root and at least one target inside the sequence).
     Returns anchors (batch, count) and a validity mask; count=0 takes every valid position."""
-    rows, valid_rows = [], []
+    rows = []
     for length, prompt_len in zip(lengths.tolist(), prompt_lens.tolist(), strict=True):
         positions = list(range(max(prompt_len - 1, 0), length - 2))
         if count and len(positions) > count:
@@ -120,7 +120,6 @@ def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
     for i, r in enumerate(rows):
         anchors[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         valid[i, :len(r)] = True
-        valid_rows.append(bool(r))
     return anchors.to(lengths.device), valid.to(lengths.device)
 
 
