@@ -177,3 +177,27 @@ def test_resumed_training_equals_an_uninterrupted_run(llama, tmp_path, monkeypat
     b, _ = load_drafter_module(tmp_path / "resumed", llama)
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(x, y, msg=name)
+
+
+def test_adaptive_budget_follows_the_observed_acceptance():
+    from ctcspec.costs import choose_tree_budget
+    from ctcspec.drafters.ctc import AdaptiveBudget
+
+    acceptance, cost = {1: 0.6, 4: 1.2, 8: 1.5, 16: 1.7}, {1: 1.0, 2: 1.6, 5: 1.7, 9: 2.0, 17: 2.2}
+    policy = AdaptiveBudget(acceptance, cost, 0.1)
+    assert policy.choose(0.0, 0.0) == choose_tree_budget(acceptance, cost, 0.1) == 4  # the prior alone
+    assert policy.choose(60.0, 20.0) == 16      # drafts accepted 3x as often as expected: a bigger tree pays
+    assert policy.choose(1.0, 30.0) == 0        # drafts rejected: plain decoding is faster
+
+
+def test_adaptive_drafter_stops_drafting_when_nothing_is_accepted(llama):
+    from ctcspec.drafters.ctc import AdaptiveBudget
+
+    prompt = list(range(3, 40))
+    expected = hf_greedy(llama, prompt, 60)
+    policy = AdaptiveBudget({4: 1.2, 8: 1.5}, {1: 1.0, 5: 1.6, 9: 1.8}, 0.1)
+    fixed = SpeculativeEngine(llama, tiny_ctc_drafter(llama, tree_budget=8)).generate(prompt, 60)
+    drafter = tiny_ctc_drafter(llama, tree_budget=8, adaptive=policy)
+    adaptive = SpeculativeEngine(llama, drafter).generate(prompt, 60)
+    assert fixed.tokens == adaptive.tokens == expected
+    assert adaptive.stats.drafted_nodes < fixed.stats.drafted_nodes / 2  # a random module's drafts never pay

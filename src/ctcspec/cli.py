@@ -35,6 +35,9 @@ def _add_ctc_args(p: argparse.ArgumentParser) -> None:
                         "this machine's verification cost curve)")
     p.add_argument("--transform", default="beam", choices=["beam", "topk"],
                    help="CTC transform: prefix beam search (default) or the paper's per-slot top-k paths")
+    p.add_argument("--adaptive-budget", action="store_true",
+                   help="re-choose the CTC tree budget during each generation from the acceptance observed, "
+                        "drafting nothing while plain decoding would be faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +158,7 @@ def _make(name: str, args, loaded):
     from ctcspec.drafters import make_drafter
 
     return make_drafter(name, model=loaded.model, model_name=args.model, drafter_path=args.drafter_path,
-                        tree_budget=args.tree_budget, transform=args.transform)
+                        tree_budget=args.tree_budget, transform=args.transform, adaptive=args.adaptive_budget)
 
 
 def cmd_generate(args) -> int:
@@ -221,7 +224,11 @@ def cmd_bench(args) -> int:
 
 def _settings(drafter) -> dict:
     keys = ("tree_budget", "transform", "top_k", "beam_width", "max_nodes", "draft_len")
-    return {k: getattr(drafter, k) for k in keys if hasattr(drafter, k)}
+    settings = {k: getattr(drafter, k) for k in keys if hasattr(drafter, k)}
+    ctc = getattr(drafter, "ctc", drafter)
+    if hasattr(ctc, "adaptive"):
+        settings["adaptive_budget"] = ctc.adaptive is not None
+    return settings
 
 
 def cmd_distill(args) -> int:

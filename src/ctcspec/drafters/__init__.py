@@ -17,7 +17,8 @@ def check_drafter_name(name: str) -> str:
 
 
 def make_drafter(name: str, model=None, model_name: str | None = None, drafter_path=None,
-                 tree_budget: int | None = None, transform: str = "beam", **options) -> Drafter:
+                 tree_budget: int | None = None, transform: str = "beam", adaptive: bool = False,
+                 **options) -> Drafter:
     """Build a drafter by name. Trained drafters need the base `model`, and a checkpoint directory
     (`drafter_path`) unless one ships for `model_name`."""
     check_drafter_name(name)
@@ -30,7 +31,8 @@ def make_drafter(name: str, model=None, model_name: str | None = None, drafter_p
     from ctcspec.drafters.ctc import load_ctc_drafter
     from ctcspec.drafters.hybrid import CTCLookupDrafter
 
-    ctc = load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget, transform=transform)
+    ctc = load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget, transform=transform,
+                           adaptive=adaptive)
     return ctc if name == "ctc" else CTCLookupDrafter(ctc)
 
 
