@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ctcspec.costs import choose_tree_budget, interpolate_cost, machine_cost_curve
+from ctcspec.costs import choose_tree_budget, expected_rate, machine_cost_curve
 from ctcspec.drafters import make_drafter
 from ctcspec.drafters.ctc import drafting_seconds
 from ctcspec.models import load_model
@@ -31,7 +31,7 @@ CHANGES = {"n8k6": "reference: N=8 slots, K=6 targets, bidirectional, CTC, 8192-
 
 def predicted(curve: dict[int, float], cost: dict[int, float], draft: float) -> tuple[int, float]:
     budget = choose_tree_budget(curve, cost, draft)
-    return budget, (1 + curve[budget]) / ((interpolate_cost(cost, budget + 1) + draft) / cost[1])
+    return budget, expected_rate(curve[budget], budget, cost, draft) * cost[1]
 
 
 def main() -> None:

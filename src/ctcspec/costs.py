@@ -86,4 +86,9 @@ def choose_tree_budget(acceptance: dict[int, float], cost: dict[int, float], dra
     `acceptance` maps budgets to mean accepted draft tokens (measured on held-out data when the
     drafter was trained); `cost` is the verification cost curve (seconds per forward of q nodes).
     """
-    return max(acceptance, key=lambda b: (1 + acceptance[b]) / (interpolate_cost(cost, b + 1) + draft_cost))
+    return max(acceptance, key=lambda b: expected_rate(acceptance[b], b, cost, draft_cost))
+
+
+def expected_rate(accepted: float, budget: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:
+    """Expected tokens per second of a step drafting `budget` nodes of which `accepted` are kept on average."""
+    return (1 + accepted) / (interpolate_cost(cost, budget + 1) + draft_cost)

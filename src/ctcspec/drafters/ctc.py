@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ctcspec.checkpoint import default_drafter_dir, load_drafter_module
-from ctcspec.costs import choose_tree_budget, interpolate_cost, machine_cost_curve
+from ctcspec.costs import choose_tree_budget, expected_rate, machine_cost_curve
 from ctcspec.ctc_transform import TRANSFORMS, build_tree, prefix_beam_search, ranked_nodes, topk_alignments
 from ctcspec.draft_module import ContextCache, CTCDraftModule
 from ctcspec.drafters.base import Drafter, DraftRequest
@@ -45,7 +45,7 @@ class AdaptiveBudget:
         return best if self._rate(best, scale) > 1.0 / self.cost[min(self.cost)] else 0
 
     def _rate(self, budget: int, scale: float) -> float:
-        return (1 + scale * self.acceptance[budget]) / (interpolate_cost(self.cost, budget + 1) + self.draft_cost)
+        return expected_rate(scale * self.acceptance[budget], budget, self.cost, self.draft_cost)
 
 
 class CTCDrafter(Drafter):
