@@ -39,3 +39,25 @@ def write_distilled(model, path, count: int = 40, prompt_len: int = 6, answer_le
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
             f.write(json.dumps({"index": i, "source": "test", "prompt_len": len(p), "ids": p + a}) + "\n")
     return path
+
+
+def tiny_heads_module(model, kind: str, seed: int = 0, vocab: int = 64, depth: int = 4):
+    """A randomly initialised (wide) Medusa / Hydra / EAGLE-style module for a tiny base model."""
+    from ctcspec.draft_heads import HeadsConfig
+
+    base = model.config
+    config = HeadsConfig(kind=kind, hidden_size=base.hidden_size, draft_vocab_size=vocab, depth=depth,
+                         intermediate_size=96, num_heads=4)
+    torch.manual_seed(seed)
+    vocab_ids = torch.randperm(base.vocab_size)[:vocab].sort().values
+    module = build_module(config, vocab_ids, model).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return module
+
+
+def tiny_heads_drafter(model, kind: str, seed: int = 0, tree_budget: int = 8):
+    from ctcspec.drafters.heads import HeadsDrafter
+
+    return HeadsDrafter(tiny_heads_module(model, kind, seed), tree_budget=tree_budget)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 from conftest import hf_greedy
 from ctcspec.cli import main
+from ctcspec.errors import CtcspecError
 
 
 def run(capsys, *argv):
@@ -45,7 +46,7 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
                          '{"question": "w9 w9 w9"}\n')
     report = tmp_path / "out" / "report.json"
     code, out, _ = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions),
-                       "--max-new-tokens", "12", "--out", str(report))
+                       "--max-new-tokens", "12", "--out", str(report.parent))
     assert code == 0
     data = json.loads(report.read_text())
     assert set(data["systems"]) == {"vanilla", "lookup", "hf_generate"}
@@ -54,8 +55,29 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
         assert row["outputs_differing_from_vanilla"] == 0
     assert "lookup" in out and "vs HF" in out
     assert data["per_category"]["lookup"]["x"]["beta"] >= 1.0
-    code, out, _ = run(capsys, "report", str(report))
+    code, out, _ = run(capsys, "report", str(report.parent))
     assert code == 0 and "hf_generate" in out and "beta / speedup" in out
+    markdown = (report.parent / "report.md").read_text()
+    assert "| lookup |" in markdown and "differ from vanilla" in markdown
+    assert (report.parent / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    answers = [json.loads(line) for line in (report.parent / "answers" / "lookup.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == ["1", "2"]  # GSM8K-style lines are numbered in file order
+    first = answers[0]["choices"][0]
+    assert len(first["turns"]) == len(first["new_tokens"]) == len(first["steps"]) == len(first["wall_time"]) == 2
+    vanilla = json.loads((report.parent / "answers" / "vanilla.jsonl").read_text().splitlines()[0])
+    assert vanilla["choices"][0]["turns"] == first["turns"]  # lossless: the same text
+    assert sum(first["new_tokens"]) / sum(first["steps"]) >= 1.0  # beta recomputable from the answers
+
+
+def test_named_benchmarks_resolve_under_the_data_dir(tmp_path):
+    from ctcspec.prompts import resolve_bench
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    assert resolve_bench("gsm8k", tmp_path) == str(tmp_path / "gsm8k" / "test.jsonl")
+    assert resolve_bench("some/file.jsonl", tmp_path) == "some/file.jsonl"
+    with pytest.raises(CtcspecError, match="mt_bench/question.jsonl"):
+        resolve_bench("mt_bench", tmp_path)
 
 
 def test_report_of_a_file_that_is_not_a_report(capsys, tmp_path):

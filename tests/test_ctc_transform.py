@@ -16,7 +16,9 @@ from ctcspec.ctc_transform import (
     node_scores,
     prefix_beam_search,
     ranked_nodes,
+    slotwise_nodes,
     topk_alignments,
+    transform_nodes,
 )
 from ctcspec.tree import ROOT
 
@@ -105,3 +107,19 @@ def test_accepted_by_budget_counts_the_longest_held_prefix():
     assert accepted_by_budget(nodes, [0, 1, 2, 2], budgets=[1, 2, 3, 4, 5]) == [1, 1, 2, 3, 3]
     assert accepted_by_budget(nodes, [2, 0], budgets=[5]) == [0]
     assert accepted_by_budget(nodes, [], budgets=[5]) == [0]
+
+
+def test_transform_off_reads_slot_i_as_depth_i_without_blanks():
+    """`none` (the ablation): per-slot top-k tree, best nodes first, blank never drafted, no collapsing."""
+    gen = torch.Generator().manual_seed(5)
+    log_probs = torch.randn(3, 5, generator=gen).log_softmax(-1)  # classes 0..2 tokens, 3 other, 4 blank
+    log_probs[0, 4] = 5.0  # the blank is slot 0's favourite: ignored
+    nodes = slotwise_nodes(log_probs, blank=4, other=3, max_nodes=12)
+    score = {p: sum(float(log_probs[i, c]) for i, c in enumerate(p))
+             for d in (1, 2, 3) for p in itertools.product(range(3), repeat=d)}
+    assert nodes == sorted(score, key=lambda p: -score[p])[:12]
+    assert transform_nodes(log_probs, "none", 6, 16, 4, 3, max_nodes=5, max_depth=1) == nodes_at_depth_one(score)
+
+
+def nodes_at_depth_one(score):
+    return sorted((p for p in score if len(p) == 1), key=lambda p: -score[p])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ctc_helpers import tiny_ctc_drafter
+from ctc_helpers import tiny_ctc_drafter, tiny_heads_drafter
 
 from conftest import VOCAB, hf_greedy, tiny_model
 from ctcspec.drafters import DRAFTERS, make_drafter
@@ -65,11 +65,14 @@ def drafters_for(prompt, answer, model):
     ctc = tiny_ctc_drafter(model, seed=len(prompt), tree_budget=12)
     return [make_drafter("vanilla"), make_drafter("lookup"), make_drafter("lookup", min_ngram=1, max_nodes=40),
             ctc, CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), make_drafter("lookup", min_ngram=1)),
+            *(tiny_heads_drafter(model, kind, seed=len(prompt), tree_budget=4 + len(prompt) % 9)
+              for kind in ("medusa", "hydra", "eagle")),
             RandomTreeDrafter(len(prompt)), OracleDrafter(prompt, answer)]
 
 
 def test_all_registered_drafters_are_exercised():
-    assert set(DRAFTERS) <= {"vanilla", "lookup", "ctc", "ctc+lookup"}  # extend drafters_for when adding one
+    # extend drafters_for when adding one
+    assert set(DRAFTERS) <= {"vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle"}
 
 
 def test_identical_to_hf_generate_on_32_prompts(arch_model):

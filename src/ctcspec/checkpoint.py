@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ctcspec.draft_heads import HeadsConfig
 from ctcspec.draft_module import CTCDraftModule, DraftConfig, base_head
 from ctcspec.errors import CtcspecError
 
@@ -48,13 +49,29 @@ def check_base(expected: dict, model: torch.nn.Module, where: str) -> None:
                 f"this model's is {actual[key]!r}. Train a drafter for this model (ctcspec distill + ctcspec train).")
 
 
-def build_module(config: DraftConfig, vocab_ids: torch.Tensor, model: torch.nn.Module) -> CTCDraftModule:
+def module_class(config: DraftConfig | HeadsConfig) -> type[torch.nn.Module]:
+    """The module class a configuration describes: the CTC module or one of the baselines."""
+    if isinstance(config, DraftConfig):
+        return CTCDraftModule
+    from ctcspec.drafters.eagle import EagleModule
+    from ctcspec.drafters.hydra import HydraModule
+    from ctcspec.drafters.medusa import MedusaModule
+
+    return {"medusa": MedusaModule, "hydra": HydraModule, "eagle": EagleModule}[config.kind]
+
+
+def build_module(config: DraftConfig | HeadsConfig, vocab_ids: torch.Tensor, model: torch.nn.Module):
     head_weight, head_bias = base_head(model)
-    return CTCDraftModule(config, vocab_ids.to(head_weight.device), model.get_input_embeddings().weight,
-                          head_weight, head_bias)
+    return module_class(config)(config, vocab_ids.to(head_weight.device), model.get_input_embeddings().weight,
+                                head_weight, head_bias)
 
 
-def save_drafter(directory: Path, module: CTCDraftModule, base: dict, extra: dict | None = None,
+def parameter_count(module: torch.nn.Module) -> int:
+    """Trainable parameters (the frozen base embedding and LM head rows are buffers, not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_drafter(directory: Path, module: torch.nn.Module, base: dict, extra: dict | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
     """Write config.json + model.safetensors (trained weights in `dtype`, plus the draft vocabulary)."""
     directory = Path(directory)
@@ -62,8 +79,8 @@ def save_drafter(directory: Path, module: CTCDraftModule, base: dict, extra: dic
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in module.named_parameters()}
     tensors["vocab_ids"] = module.vocab_ids.to("cpu", torch.int64).contiguous()
     save_file(tensors, str(directory / WEIGHTS_FILE))
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "ctc",
-              "draft": module.config.to_dict(), "base": base, **(extra or {})}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": getattr(module, "kind", "ctc"),
+              "draft": module.config.to_dict(), "parameters": parameter_count(module), "base": base, **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -85,13 +102,17 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load_drafter_module(directory: Path, model: torch.nn.Module) -> tuple[CTCDraftModule, dict]:
-    """The trained module on the base model's device (fp32 unless the base runs in another float type)."""
+def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):
+    """The trained module on the base model's device (fp32 unless the base runs in another float type),
+    and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's."""
     directory = Path(directory)
     config = read_config(directory)
+    found = config.get("kind", "ctc")
+    if kind is not None and found != kind:
+        raise CtcspecError(f"drafter {str(directory)!r} is a {found} drafter, not {kind}")
     check_base(config.get("base", {}), model, str(directory))
     try:
-        draft_config = DraftConfig(**config["draft"])
+        draft_config = DraftConfig(**config["draft"]) if found == "ctc" else HeadsConfig(**config["draft"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CtcspecError(f"{directory / CONFIG_FILE}: bad 'draft' section ({exc})") from None
     try:
@@ -112,7 +133,7 @@ def load_drafter_module(directory: Path, model: torch.nn.Module) -> tuple[CTCDra
     return module.to(dtype=dtype).eval(), config
 
 
-def default_drafter_dir(model_name: str) -> Path | None:
-    """The drafter shipped in the package for an embedded default model, if any."""
-    path = resources.files("ctcspec").joinpath(f"data/drafters/{model_name}-ctc")
+def default_drafter_dir(model_name: str, kind: str = "ctc") -> Path | None:
+    """The drafter of `kind` shipped in the package for an embedded default model, if any."""
+    path = resources.files("ctcspec").joinpath(f"data/drafters/{model_name}-{kind}")
     return Path(str(path)) if path.is_dir() else None

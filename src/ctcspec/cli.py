@@ -14,8 +14,7 @@ from ctcspec.models import DEFAULT_MODEL
 from ctcspec.prompts import require_prompt
 from ctcspec.train import TrainConfig
 
-DEFAULT_DRAFTERS = "vanilla,lookup"
-WITH_CTC = "vanilla,lookup,ctc,ctc+lookup"
+TRAINABLE = ("ctc", "medusa", "hydra", "eagle")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -30,11 +29,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_ctc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter-path", type=Path, default=None,
                    help="trained drafter directory (default: the one shipped for the embedded default model)")
+    for kind in ("medusa", "hydra", "eagle"):
+        p.add_argument(f"--{kind}-path", type=Path, default=None,
+                       help=f"trained {kind} drafter directory (default: the one shipped for the default model)")
     p.add_argument("--tree-budget", type=int, default=None,
-                   help="draft tree nodes per step (default: chosen from the drafter's acceptance curve and "
-                        "this machine's verification cost curve)")
-    p.add_argument("--transform", default="beam", choices=["beam", "topk"],
-                   help="CTC transform: prefix beam search (default) or the paper's per-slot top-k paths")
+                   help="draft tree nodes per step for the trained drafters (default: each drafter's choice from "
+                        "its acceptance curve and this machine's verification cost curve)")
+    p.add_argument("--transform", default="beam", choices=["beam", "topk", "none"],
+                   help="CTC transform: prefix beam search (default), the paper's per-slot top-k paths, or none "
+                        "(ablation: slot i read as depth i, a plain per-slot top-k tree)")
     p.add_argument("--adaptive-budget", action="store_true",
                    help="re-choose the CTC tree budget during each generation from the acceptance observed, "
                         "drafting nothing while plain decoding would be faster")
@@ -49,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate greedily from one prompt; output equals plain greedy decoding.")
     _add_model_args(gen)
     gen.add_argument("--drafter", default=None,
-                     help="vanilla | lookup | ctc | ctc+lookup (default: ctc with --drafter-path, else lookup)")
+                     help="vanilla | lookup | ctc | ctc+lookup | medusa | hydra | eagle "
+                          "(default: ctc with --drafter-path, else lookup)")
     _add_ctc_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
@@ -62,18 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run each drafter and HF generate on the same questions (FastChat jsonl, "
                                        "both turns; or GSM8K jsonl) and print beta, tokens/s and speedups.")
     _add_model_args(bench)
-    bench.add_argument("--questions", default="builtin",
-                       help="question jsonl (FastChat or GSM8K format), or 'builtin' for the demo set (default)")
+    bench.add_argument("--bench", "--questions", dest="questions", default="builtin",
+                       help="mt_bench | vicuna_bench | gsm8k (its test split, read from --data-dir) | a question "
+                            "jsonl (FastChat or GSM8K format) | builtin: the demo set (default)")
+    bench.add_argument("--data-dir", default=None,
+                       help="where the named benchmarks live (default: $CTCSPEC_DATA, else ../shared/data)")
     bench.add_argument("--drafters", default=None,
-                       help=f"comma-separated (default: {WITH_CTC} when a CTC drafter is available for the model, "
-                            f"else {DEFAULT_DRAFTERS})")
+                       help="comma-separated, from: vanilla, lookup, medusa, hydra, eagle, ctc, ctc+lookup "
+                            "(default: vanilla, lookup and every trained drafter available for the model)")
     bench.add_argument("--limit", type=int, default=None, help="use only the first N questions")
     bench.add_argument("--per-category", type=int, default=None,
                        help="use only the first N questions of each category (applied before --limit)")
     _add_ctc_args(bench)
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
-    bench.add_argument("--out", type=Path, default=Path("runs/bench.json"), help="JSON report path")
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"),
+                       help="output directory: report.md, report.json, plot.png, answers/<drafter>.jsonl "
+                            "(default: runs/bench)")
 
     distill = sub.add_parser("distill", help="self-distillation: the base model answers training prompts",
                              description="Answer training prompts greedily with the base model and store the token "
@@ -90,16 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batch-size", type=int, default=16)
     distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
 
-    train = sub.add_parser("train", help="train a CTC drafter on distilled data",
+    train = sub.add_parser("train", help="train a drafter (CTC, or a Medusa/Hydra/EAGLE baseline) on distilled data",
                            description="Train the attention draft module with CTC loss against the base model's "
-                                       "own next tokens; checkpoints periodically; --resume continues.")
+                                       "own next tokens (--kind ctc), or a baseline (--kind medusa|hydra|eagle) on "
+                                       "the same data; checkpoints periodically; --resume continues.")
     _add_model_args(train)
     train.add_argument("--data", type=Path, nargs="+", required=True, help="directories written by ctcspec distill")
     train.add_argument("--out", type=Path, required=True, help="drafter directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     defaults = TrainConfig()
-    for name, kind in (("num_slots", int), ("target_tokens", int), ("slot_attention", str), ("loss", str),
-                       ("draft_vocab", int), ("steps", int), ("epochs", float), ("batch_size", int),
+    for name, kind in (("kind", str), ("num_slots", int), ("target_tokens", int), ("intermediate_size", int),
+                       ("slot_attention", str), ("loss", str), ("draft_vocab", int), ("max_train_samples", int),
+                       ("hidden_cache", str), ("steps", int), ("epochs", float), ("batch_size", int),
                        ("anchors_per_sequence", int), ("max_length", int), ("lr", float), ("eval_every", int),
                        ("final_eval_samples", int),
                        ("checkpoint_every", int), ("seed", int), ("time_limit_s", float)):
@@ -108,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="print the tables of a saved bench report",
                             description="Print the summary and per-category tables of a JSON report written by bench.")
-    report.add_argument("path", type=Path, help="a report written by ctcspec bench --out")
+    report.add_argument("path", type=Path, help="a directory (or its report.json) written by ctcspec bench --out")
     return parser
 
 
@@ -150,15 +161,18 @@ class _Streamer:
 def _check_ctc_args(args) -> None:
     if args.tree_budget is not None and args.tree_budget < 1:
         raise CtcspecError("--tree-budget must be at least 1")
-    if args.drafter_path is not None and not args.drafter_path.is_dir():
-        raise CtcspecError(f"drafter directory {str(args.drafter_path)!r} does not exist")
+    for option in ("drafter_path", "medusa_path", "hydra_path", "eagle_path"):
+        path = getattr(args, option)
+        if path is not None and not path.is_dir():
+            raise CtcspecError(f"--{option.replace('_', '-')}: drafter directory {str(path)!r} does not exist")
 
 
 def _make(name: str, args, loaded):
     from ctcspec.drafters import make_drafter
 
     return make_drafter(name, model=loaded.model, model_name=args.model, drafter_path=args.drafter_path,
-                        tree_budget=args.tree_budget, transform=args.transform, adaptive=args.adaptive_budget)
+                        tree_budget=args.tree_budget, transform=args.transform, adaptive=args.adaptive_budget,
+                        baseline_paths={k: getattr(args, f"{k}_path") for k in ("medusa", "hydra", "eagle")})
 
 
 def cmd_generate(args) -> int:
@@ -194,31 +208,37 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ctcspec.bench import format_category_table, format_table, run_bench, write_report
+    from ctcspec.bench import format_category_table, format_table, run_bench
+    from ctcspec.bench_report import write_outputs
     from ctcspec.checkpoint import default_drafter_dir
     from ctcspec.drafters import check_drafter_name
-    from ctcspec.prompts import load_questions, select_questions
+    from ctcspec.prompts import load_questions, resolve_bench, select_questions
 
     if args.drafters is None:
-        args.drafters = WITH_CTC if (args.drafter_path or default_drafter_dir(args.model)) else DEFAULT_DRAFTERS
+        args.drafters = ",".join(["vanilla", "lookup", *(
+            k for k in ("medusa", "hydra", "eagle", "ctc")
+            if getattr(args, "drafter_path" if k == "ctc" else f"{k}_path") or default_drafter_dir(args.model, k))])
     names = [check_drafter_name(d.strip()) for d in args.drafters.split(",") if d.strip()]  # before loading
     if "vanilla" not in names:
         names.insert(0, "vanilla")  # the reference every speedup is measured against
     _check_ctc_args(args)
+    bench_name = args.questions
+    args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     loaded = _load(args)
     drafters = {name: _make(name, args, loaded) for name in names}
     report = run_bench(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
                        include_hf=not args.no_hf)
-    meta = {"model": str(loaded.path), "questions": str(args.questions), "n_questions": len(questions),
+    meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
+            "n_questions": len(questions), "command": "ctcspec " + " ".join(sys.argv[1:]),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
             "dtype": args.dtype, "cpu_count": os.cpu_count(), "per_category": args.per_category,
             "drafter_settings": {n: _settings(d) for n, d in drafters.items()}}
-    write_report(report, args.out, meta)
+    paths = write_outputs(report, meta, args.out)
     print(format_table(report))
     print()
     print(format_category_table(report))
-    print(f"report: {args.out}", file=sys.stderr)
+    print(f"report: {paths['markdown']} (and report.json, plot.png, answers/)", file=sys.stderr)
     return 0
 
 
@@ -257,6 +277,8 @@ def cmd_train(args) -> int:
     from ctcspec.train import summary_json, train
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if config.kind not in TRAINABLE:
+        raise CtcspecError(f"unknown --kind {config.kind!r}; choose from: {', '.join(TRAINABLE)}")
     if args.out.exists() and not args.resume and (args.out / "checkpoint.pt").exists():
         raise CtcspecError(f"{str(args.out)!r} already holds a training checkpoint: pass --resume to continue it, "
                            "or choose a new --out")
@@ -270,8 +292,9 @@ def cmd_train(args) -> int:
 def cmd_report(args) -> int:
     from ctcspec.bench import format_category_table, format_table
 
+    path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
-        report = json.loads(args.path.read_text(encoding="utf-8"))
+        report = json.loads(path.read_text(encoding="utf-8"))
         meta = report["meta"]
         tables = format_table(report), format_category_table(report)
     except OSError as exc:

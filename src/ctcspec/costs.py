@@ -31,11 +31,12 @@ def verify_cost_curve(model: torch.nn.Module, sizes: list[int], context: int = 2
     timings: dict[int, list[float]] = {q: [] for q in sizes}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for q in sizes:
-            tree = TokenTree.from_sequences([[int(t)] for t in torch.randint(0, vocab, (q - 1,), generator=gen)])
+            siblings = torch.randperm(vocab, generator=gen)[:q - 1]  # distinct, so the tree really has q - 1 nodes
+            tree = TokenTree.from_sequences([[int(t)] for t in siblings])
             start = time.perf_counter()
             verify_tree(model, cache, prompt[-1], tree, context - 1)
             timings[q].append(time.perf_counter() - start)
-            cache.crop(-q)  # drop what the forward appended: back to the context alone
+            cache.crop(-(len(tree) + 1))  # drop what the forward appended: back to the context alone
     return {q: statistics.median(ts[1:]) for q, ts in timings.items()}
 
 
@@ -80,13 +81,19 @@ def interpolate_cost(cost: dict[int, float], q: int) -> float:
     return cost[hi] + (cost[hi] - cost[lo]) * (q - hi) / (hi - lo)
 
 
-def choose_tree_budget(acceptance: dict[int, float], cost: dict[int, float], draft_cost: float = 0.0) -> int:
+def choose_tree_budget(acceptance: dict[int, float], cost: dict[int, float],
+                       draft_cost: float | dict[int, float] = 0.0) -> int:
     """The node budget b maximising expected tokens per unit time, (1 + accepted(b)) / (cost(1 + b) + draft).
 
     `acceptance` maps budgets to mean accepted draft tokens (measured on held-out data when the
-    drafter was trained); `cost` is the verification cost curve (seconds per forward of q nodes).
+    drafter was trained); `cost` is the verification cost curve (seconds per forward of q nodes);
+    `draft_cost` is the drafting time per step, one number or one per budget (sequential drafters
+    pay per node).
     """
-    return max(acceptance, key=lambda b: expected_rate(acceptance[b], b, cost, draft_cost))
+    def draft(b: int) -> float:
+        return draft_cost[b] if isinstance(draft_cost, dict) else draft_cost
+
+    return max(acceptance, key=lambda b: expected_rate(acceptance[b], b, cost, draft(b)))
 
 
 def expected_rate(accepted: float, budget: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:

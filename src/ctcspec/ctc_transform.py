@@ -10,6 +10,9 @@ Two ways to get candidates, both returning {collapsed prefix: probability}:
 - `prefix_beam_search`: CTC prefix beam search, which scores each collapsed prefix by the summed
   probability of all alignments (within the beam) that produce it, frame by frame.
 
+`none` is the ablation without the transform: slot i's distribution (blank excluded) is read as
+the token at depth i, Medusa-style, and the best nodes of that per-slot top-k tree are taken.
+
 `build_tree` turns candidates into a trie: a node's score is the summed probability of the
 candidates that pass through it (an estimate of the chance the base model accepts it), and the
 `budget` best nodes are kept; scores never grow with depth, so every kept node's parent is kept.
@@ -25,7 +28,7 @@ import torch
 
 from ctcspec.tree import ROOT, TokenTree
 
-TRANSFORMS = ("beam", "topk")
+TRANSFORMS = ("beam", "topk", "none")
 
 
 def collapse(alignment: Sequence[int], blank: int, other: int) -> tuple[int, ...]:
@@ -106,6 +109,34 @@ def ranked_nodes(candidates: dict[tuple[int, ...], float], max_depth: int | None
     nodes = [n for n in scores if max_depth is None or len(n) <= max_depth]
     nodes.sort(key=lambda n: (-scores[n], len(n), n))
     return nodes
+
+
+def slotwise_nodes(log_probs: torch.Tensor, blank: int, other: int, max_nodes: int,
+                   max_depth: int | None = None) -> list[tuple[int, ...]]:
+    """Transform off: slot i predicts depth i+1 directly; the best `max_nodes` nodes of that tree."""
+    from ctcspec.draft_heads import best_first_nodes
+
+    log_probs = log_probs.float().clone()
+    log_probs[:, blank] = float("-inf")
+
+    def expand(depth: int, cls: int | None) -> tuple[int, torch.Tensor]:
+        depth = depth + 1
+        return depth, log_probs[min(depth, len(log_probs) - 1)]
+
+    depth = len(log_probs) if max_depth is None else min(max_depth, len(log_probs))
+    return best_first_nodes(-1, expand, max_nodes, depth, top_k=max_nodes, other_id=other) if depth > 0 else []
+
+
+def transform_nodes(log_probs: torch.Tensor, transform: str, top_k: int, beam_width: int, blank: int, other: int,
+                    max_nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
+    """Ranked trie nodes (best first, parents before children) from slot log-probabilities."""
+    if transform == "none":
+        return slotwise_nodes(log_probs, blank, other, max_nodes, max_depth)
+    if transform == "topk":
+        candidates = topk_alignments(log_probs, top_k, beam_width, blank, other)
+    else:
+        candidates = prefix_beam_search(log_probs, top_k, beam_width, blank, other)
+    return ranked_nodes(candidates, max_depth=max_depth)
 
 
 def build_tree(nodes: list[tuple[int, ...]], budget: int, token_of_class: Sequence[int] | None = None) -> TokenTree:

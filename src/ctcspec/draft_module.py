@@ -140,6 +140,8 @@ class CTCDraftModule(nn.Module):
     """Trainable parameters: fuse, slot_embed, layer, out_norm, extra_head. The base model's input
     embedding and LM head rows (for `vocab_ids`) are frozen buffers, never saved with the drafter."""
 
+    kind = "ctc"
+
     def __init__(self, config: DraftConfig, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
                  head_weight: torch.Tensor, head_bias: torch.Tensor | None = None):
         super().__init__()
@@ -209,8 +211,14 @@ class CTCDraftModule(nn.Module):
         return self.slot_logits(out)[0].float().log_softmax(-1)
 
     # -- training ---------------------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        return self.training_logits(hidden, tokens, anchors)
+    @property
+    def target_count(self) -> int:
+        return self.config.target_tokens
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor, targets: torch.Tensor,
+                target_lengths: torch.Tensor) -> torch.Tensor:
+        """The training loss (the interface every trainable drafter module shares)."""
+        return self.loss(self.training_logits(hidden, tokens, anchors), targets, target_lengths)
 
     def training_logits(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """Slot logits (batch, S, N, classes) for drafts anchored at positions `anchors` (batch, S).

@@ -10,6 +10,25 @@ from pathlib import Path
 from ctcspec.errors import CtcspecError
 
 BUILTIN_QUESTIONS = "builtin"
+NAMED_BENCHES = (("mt_bench", "mt_bench/question.jsonl"), ("vicuna_bench", "vicuna_bench/question.jsonl"),
+                 ("gsm8k", "gsm8k/test.jsonl"))
+DEFAULT_DATA_DIR = "../shared/data"  # or $CTCSPEC_DATA: benchmark files are read in place, never copied
+
+
+def resolve_bench(name_or_path: str, data_dir: str | Path | None = None) -> str:
+    """A benchmark name (mt_bench, vicuna_bench, gsm8k: the test split) -> its question file under the
+    data directory; 'builtin' and file paths pass through."""
+    import os
+
+    files = dict(NAMED_BENCHES)
+    if name_or_path not in files:
+        return name_or_path
+    root = Path(data_dir or os.environ.get("CTCSPEC_DATA") or DEFAULT_DATA_DIR)
+    path = root / files[name_or_path]
+    if not path.is_file():
+        raise CtcspecError(f"benchmark {name_or_path!r}: {str(path)!r} not found; point --data-dir or $CTCSPEC_DATA "
+                           f"at the directory holding {files[name_or_path]}")
+    return str(path)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Training the CTC draft module on distilled data (self-distillation).
+"""Training a draft module on distilled data (self-distillation): the CTC module, or a baseline
+(Medusa, Hydra, EAGLE-style) with the same data, anchors and loop; each module computes its own loss.
 
 Each batch: the frozen base model runs the distilled sequences once (teacher forcing) for its last
 hidden states; at a random subset of answer positions t ("anchors") the module's N slots must
@@ -25,20 +26,24 @@ import torch
 from tqdm import tqdm
 
 from ctcspec.checkpoint import build_module, describe_base, save_drafter
-from ctcspec.ctc_transform import TRANSFORMS, accepted_by_budget, prefix_beam_search, ranked_nodes, topk_alignments
+from ctcspec.ctc_transform import TRANSFORMS, accepted_by_budget, transform_nodes
 from ctcspec.distill import read_samples
+from ctcspec.draft_heads import HEAD_KINDS, HeadsConfig
 from ctcspec.draft_module import CTCDraftModule, DraftConfig
 from ctcspec.errors import CtcspecError
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CHECKPOINT = "checkpoint.pt"
-RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every",
+                               "hidden_cache"})
 
 
 @dataclass
 class TrainConfig:
+    kind: str = "ctc"                # ctc | medusa | hydra | eagle (the baselines share data and loop)
     num_slots: int = 6               # defaults: the shipped SmolLM2 drafter's recipe (docs/ctc.md)
-    target_tokens: int = 4
+    target_tokens: int = 4           # ctc: K tokens per alignment; medusa/hydra: heads; eagle: draft depth
+    intermediate_size: int = 0       # MLP width; 0 = the kind's default (ctc/eagle: the base model's; heads 1024)
     slot_attention: str = "bidirectional"
     loss: str = "ctc"
     draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
@@ -57,6 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     time_limit_s: float = 0.0        # stop early (and still save the drafter) after this long; 0 = no limit
+    max_train_samples: int = 0       # train on a seeded random subset of this many sequences; 0 = all
+    hidden_cache: str = ""           # directory caching base hidden states (fp16) per sequence, shared by runs
 
 
 def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.Tensor:
@@ -123,7 +130,7 @@ def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
     return anchors.to(lengths.device), valid.to(lengths.device)
 
 
-def draft_targets(module: CTCDraftModule, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor,
+def draft_targets(module, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor,
                   valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class ids of x_{t+2} .. x_{t+1+count} per anchor, cut at the sequence end and after the first
     token outside the draft vocabulary (kept as "other"). Returns (batch, S, count) and lengths."""
@@ -146,15 +153,61 @@ def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     return out.hidden_states[-1]
 
 
+def _ids_key(ids: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
+
+
+def open_hidden_cache(path: Path, model) -> Path:
+    """The hidden-state cache directory, bound to one base model (its description is stored there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    meta, base = path / "base.json", {**describe_base(model), "dtype": str(model.dtype)}
+    if meta.exists():
+        if json.loads(meta.read_text()) != base:
+            raise CtcspecError(f"hidden-state cache {str(path)!r} was written for another base model or dtype")
+    else:
+        meta.write_text(json.dumps(base, indent=2) + "\n")
+    return path
+
+
 @torch.no_grad()
-def acceptance_curve(module: CTCDraftModule, model, samples: list[dict], transform: str = "beam",
+def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torch.Tensor,
+                 cache_dir: Path | None) -> torch.Tensor:
+    """Base hidden states of a padded batch; with `cache_dir`, each sequence's states are computed
+    once and kept on disk (fp16), so several drafters trained on the same data pay the base forward once."""
+    if cache_dir is None:
+        return base_hidden(model, tokens, lengths)
+    import numpy as np
+
+    paths = [cache_dir / f"{_ids_key(s['ids'][:int(n)])}.npy" for s, n in zip(samples, lengths.tolist(), strict=True)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        rows = torch.tensor(missing, device=tokens.device)
+        computed = base_hidden(model, tokens[rows], lengths[rows]).to("cpu", torch.float16)
+        for row, i in enumerate(missing):
+            tmp = paths[i].with_suffix(".tmp.npy")
+            np.save(tmp, computed[row, :int(lengths[i])].numpy())
+            tmp.replace(paths[i])  # atomic: a killed run never leaves half a file behind
+    hidden = torch.zeros(*tokens.shape, model.config.hidden_size, dtype=model.dtype)
+    for i, p in enumerate(paths):
+        states = torch.from_numpy(np.load(p))
+        hidden[i, :states.shape[0]] = states.to(hidden.dtype)
+    return hidden.to(tokens.device)
+
+
+@torch.no_grad()
+def acceptance_curve(module, model, samples: list[dict], transform: str = "beam",
                      budgets=BUDGETS, max_anchors: int = 48, top_k: int = 6, beam_width: int = 16,
                      max_length: int = 1024, seed: int = 0) -> dict[int, float]:
     """Mean draft tokens the base model would accept, per tree budget, on held-out distilled sequences.
 
     Exact for those positions: the distilled answers are the base model's greedy output, so its
-    hidden states there are what decoding would hand the drafter.
+    hidden states there are what decoding would hand the drafter. `transform` applies to the CTC
+    module; the baselines are searched best first as at inference.
     """
+    if not isinstance(module, CTCDraftModule):
+        return search_acceptance_curve(module, model, samples, budgets, max_anchors, max_length, seed)
     was_training = module.training
     module.eval()
     c = module.config
@@ -174,11 +227,39 @@ def acceptance_curve(module: CTCDraftModule, model, samples: list[dict], transfo
                 continue
             n = int(truth_lengths[0, a])
             target = [t for t in truth[0, a, :n].tolist() if t != c.other_id]
-            if transform == "topk":
-                candidates = topk_alignments(log_probs[a], top_k, beam_width, c.blank_id, c.other_id)
-            else:
-                candidates = prefix_beam_search(log_probs[a], top_k, beam_width, c.blank_id, c.other_id)
-            accepted = accepted_by_budget(ranked_nodes(candidates), target, budgets)
+            nodes = transform_nodes(log_probs[a], transform, top_k, beam_width, c.blank_id, c.other_id, max(budgets))
+            accepted = accepted_by_budget(nodes, target, budgets)
+            totals = [x + y for x, y in zip(totals, accepted, strict=True)]
+            drafts += 1
+    module.train(was_training)
+    return {b: total / max(drafts, 1) for b, total in zip(budgets, totals, strict=True)}
+
+
+@torch.no_grad()
+def search_acceptance_curve(module, model, samples: list[dict], budgets=BUDGETS, max_anchors: int = 48,
+                            max_length: int = 1024, seed: int = 0) -> dict[int, float]:
+    """`acceptance_curve` for a baseline module: its best-first search, as the drafter runs it."""
+    from ctcspec.drafters.heads import search_nodes
+
+    was_training = module.training
+    module.eval()
+    totals, drafts = [0] * len(budgets), 0
+    generator = torch.Generator().manual_seed(seed)
+    device = module.embed_weight.device
+    for sample in samples:
+        tokens, lengths, prompt_lens = pad_batch([sample], max_length, device)
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, generator)
+        anchors, valid = anchors.to(device), valid.to(device)
+        hidden = base_hidden(model, tokens, lengths)
+        truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, module.config.depth)
+        kept = [a for a in range(anchors.shape[1]) if bool(valid[0, a])]
+        contexts = module.offline_contexts(hidden.to(module.embed_weight.dtype), tokens,
+                                           [int(anchors[0, a]) for a in kept])
+        for a, context in zip(kept, contexts, strict=True):
+            n = int(truth_lengths[0, a])
+            target = [t for t in truth[0, a, :n].tolist() if t != module.config.other_id]
+            nodes = search_nodes(module, context, max(budgets), module.config.depth)
+            accepted = accepted_by_budget(nodes, target, budgets)
             totals = [x + y for x, y in zip(totals, accepted, strict=True)]
             drafts += 1
     module.train(was_training)
@@ -203,6 +284,24 @@ def read_data(data_dirs: list[Path]) -> list[dict]:
                 seen.add(prompt)
                 samples.append({**s, "index": s["index"] + k * 10_000_000})
     return samples
+
+
+def module_config(config: TrainConfig, model, draft_vocab_size: int) -> DraftConfig | HeadsConfig:
+    """The drafter module's architecture for this base model and training configuration."""
+    hidden_size = model.config.hidden_size
+    base_inner = getattr(model.config, "intermediate_size", 4 * hidden_size)
+    if config.kind == "ctc":
+        return DraftConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
+                           intermediate_size=config.intermediate_size or base_inner,
+                           draft_vocab_size=draft_vocab_size, num_slots=config.num_slots,
+                           target_tokens=config.target_tokens, slot_attention=config.slot_attention,
+                           loss=config.loss)
+    if config.kind not in HEAD_KINDS:
+        raise CtcspecError(f"unknown drafter kind {config.kind!r}; choose from: ctc, {', '.join(HEAD_KINDS)}")
+    inner = config.intermediate_size or (base_inner if config.kind == "eagle" else 1024)
+    return HeadsConfig(kind=config.kind, hidden_size=hidden_size, draft_vocab_size=draft_vocab_size,
+                       depth=config.target_tokens, intermediate_size=inner,
+                       num_heads=model.config.num_attention_heads)
 
 
 def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resume: bool = False,
@@ -233,12 +332,11 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         vocab_ids = state["vocab_ids"]
     else:
         vocab_ids = draft_vocabulary(train_set, config.draft_vocab, model.get_output_embeddings().weight.shape[0])
-    hidden_size = model.config.hidden_size
-    draft_config = DraftConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
-                               intermediate_size=getattr(model.config, "intermediate_size", 4 * hidden_size),
-                               draft_vocab_size=len(vocab_ids), num_slots=config.num_slots,
-                               target_tokens=config.target_tokens, slot_attention=config.slot_attention,
-                               loss=config.loss)
+    cache_dir = open_hidden_cache(Path(config.hidden_cache), model) if config.hidden_cache else None
+    if config.max_train_samples and config.max_train_samples < len(train_set):
+        picks = sorted(random.Random(config.seed).sample(range(len(train_set)), config.max_train_samples))
+        train_set = [train_set[i] for i in picks]  # after the vocabulary, which always sees all the data
+    draft_config = module_config(config, model, len(vocab_ids))
     torch.manual_seed(config.seed)
     module = build_module(draft_config, vocab_ids, model).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -276,10 +374,9 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         generator = torch.Generator().manual_seed(config.seed * 7919 + step)
         anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generator)
         anchors, valid = anchors.to(device), valid.to(device)
-        hidden = base_hidden(model, tokens, lengths)
-        targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, config.target_tokens)
-        logits = module(hidden, tokens, anchors)  # through the wrapper, so accelerate syncs gradients
-        loss = inner.loss(logits, targets, target_lengths)
+        hidden = batch_hidden(model, [train_set[i] for i in share], tokens, lengths, cache_dir)
+        targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, inner.target_count)
+        loss = module(hidden, tokens, anchors, targets, target_lengths)  # through the wrapper: accelerate syncs
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
@@ -303,7 +400,8 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     summary = {}
     if accelerator.is_main_process:
         curves = {t: acceptance_curve(inner, model, heldout[:config.final_eval_samples], transform=t,
-                                      max_length=config.max_length) for t in TRANSFORMS}
+                                      max_length=config.max_length)
+                  for t in (TRANSFORMS if config.kind == "ctc" else ("search",))}
         if stopped_early:
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
                              vocab_ids, config)

@@ -7,7 +7,8 @@ from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
 
-DRAFTERS = ("vanilla", "lookup", "ctc", "ctc+lookup")
+DRAFTERS = ("vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle")
+BASELINES = ("medusa", "hydra", "eagle")  # trained baselines (drafters/heads.py runs them)
 
 
 def check_drafter_name(name: str) -> str:
@@ -18,9 +19,9 @@ def check_drafter_name(name: str) -> str:
 
 def make_drafter(name: str, model=None, model_name: str | None = None, drafter_path=None,
                  tree_budget: int | None = None, transform: str = "beam", adaptive: bool = False,
-                 **options) -> Drafter:
+                 baseline_paths: dict | None = None, **options) -> Drafter:
     """Build a drafter by name. Trained drafters need the base `model`, and a checkpoint directory
-    (`drafter_path`) unless one ships for `model_name`."""
+    (`drafter_path` for ctc, `baseline_paths[name]` for the baselines) unless one ships for `model_name`."""
     check_drafter_name(name)
     if name == "vanilla":
         return VanillaDrafter(**options)
@@ -28,6 +29,11 @@ def make_drafter(name: str, model=None, model_name: str | None = None, drafter_p
         return LookupDrafter(**options)
     if model is None:
         raise CtcspecError(f"the {name} drafter needs the base model")
+    if name in BASELINES:
+        from ctcspec.drafters.heads import load_heads_drafter
+
+        return load_heads_drafter(name, model, (baseline_paths or {}).get(name), model_name=model_name,
+                                  tree_budget=tree_budget)
     from ctcspec.drafters.ctc import load_ctc_drafter
     from ctcspec.drafters.hybrid import CTCLookupDrafter
 
@@ -36,5 +42,5 @@ def make_drafter(name: str, model=None, model_name: str | None = None, drafter_p
     return ctc if name == "ctc" else CTCLookupDrafter(ctc)
 
 
-__all__ = ["DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "check_drafter_name",
+__all__ = ["BASELINES", "DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "check_drafter_name",
            "make_drafter"]

@@ -14,7 +14,7 @@ import torch
 
 from ctcspec.checkpoint import default_drafter_dir, load_drafter_module
 from ctcspec.costs import choose_tree_budget, expected_rate, machine_cost_curve
-from ctcspec.ctc_transform import TRANSFORMS, build_tree, prefix_beam_search, ranked_nodes, topk_alignments
+from ctcspec.ctc_transform import TRANSFORMS, build_tree, transform_nodes
 from ctcspec.draft_module import ContextCache, CTCDraftModule
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
@@ -86,11 +86,6 @@ class CTCDrafter(Drafter):
         self._idle_steps += 1
         return self.tree_budget if self._idle_steps % self.adaptive.probe_every == 0 else 0
 
-    def candidates(self, log_probs: torch.Tensor) -> dict[tuple[int, ...], float]:
-        c = self.module.config
-        if self.transform == "topk":
-            return topk_alignments(log_probs, self.top_k, self.beam_width, c.blank_id, c.other_id)
-        return prefix_beam_search(log_probs, self.top_k, self.beam_width, c.blank_id, c.other_id)
 
     @torch.inference_mode()
     def propose(self, request: DraftRequest) -> TokenTree:
@@ -108,7 +103,9 @@ class CTCDrafter(Drafter):
         if budget == 0:
             return TokenTree()
         log_probs = self.module.draft_log_probs(self._cache, units[:, -1]).cpu()
-        nodes = ranked_nodes(self.candidates(log_probs), max_depth=request.max_depth)
+        c = self.module.config
+        nodes = transform_nodes(log_probs, self.transform, self.top_k, self.beam_width, c.blank_id, c.other_id,
+                                budget, request.max_depth)
         return build_tree(nodes, budget, self._token_of_class)
 
 
@@ -144,7 +141,7 @@ def load_ctc_drafter(model: torch.nn.Module, path: str | Path | None = None, mod
         if path is None:
             raise CtcspecError("no CTC drafter given and none ships for this model: pass --drafter-path DIR "
                                "(train one with ctcspec distill + ctcspec train)")
-    module, config = load_drafter_module(Path(path), model)
+    module, config = load_drafter_module(Path(path), model, kind="ctc")
     drafter = CTCDrafter(module, transform=transform)
     acceptance = {int(b): float(a) for b, a in config.get("acceptance_curve", {}).get(transform, {}).items()}
     if (tree_budget is None or adaptive) and acceptance:
