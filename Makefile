@@ -1,5 +1,5 @@
-# Two entry points: `make demo` (set up, then benchmark vanilla vs lookup vs the shipped CTC drafter on the
-# embedded default model)
+# Two entry points: `make demo` (set up, then benchmark vanilla, lookup and the shipped trained drafters
+# (Medusa, Hydra, EAGLE-style, CTC) side by side on the embedded default model)
 # and `make test` (set up, then run the test suite). Everything lives in ./.venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ctcspec bench --questions builtin --drafters vanilla,lookup,ctc,ctc+lookup --max-new-tokens 128 --threads 1 \
-		--out runs/demo.json
+	$(VENV)/bin/ctcspec bench --bench builtin --drafters vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup \
+		--max-new-tokens 128 --threads 1 --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

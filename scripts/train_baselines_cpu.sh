@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Train the Medusa, Hydra and EAGLE-style baselines (and a CTC drafter with the same budget) for
-# SmolLM2 on this CPU, on a 1500-sequence subset of the distilled data the shipped CTC drafter was
-# trained on (same draft vocabulary and held-out split). The base model's hidden states are computed
-# once into a shared cache, then each drafter trains on them.
+# Train the Medusa, Hydra and EAGLE-style baselines, and the CTC module with CTC loss and with
+# cross-entropy (the loss ablation), for SmolLM2 on this CPU with the same budget each: a 1500-sequence
+# subset of the distilled data the shipped CTC drafter was trained on (same draft vocabulary and
+# held-out split: the full data lists are passed, in the same order), 3 epochs, batch 16. The base
+# model's hidden states are computed once into a shared cache (fp16, ~0.5 GB), then each drafter
+# trains on them. Parameter counts are kept comparable (4.7-5.7 M).
 #   DATA="runs/gpu1/data/gsm8k runs/gpu2/data/templ2 runs/gpu1/data/self" OUT=runs/cpu bash scripts/train_baselines_cpu.sh
+# (the data directories are what scripts/train_smollm2_gpu*.sh distil; see docs/ctc.md)
 set -euo pipefail
 OUT=${OUT:-runs/cpu}
 DATA=${DATA:?set DATA to the distilled data directories (ctcspec distill outputs)}
-KINDS=${KINDS:-medusa hydra eagle ctc}
+RUNS=${RUNS:-medusa hydra eagle ctc ctc-ce}
 COMMON=(--threads "${THREADS:-2}" --data $DATA --max-train-samples "${SAMPLES:-1500}" --batch-size 16
         --epochs "${EPOCHS:-3}" --eval-every 100000 --final-eval-samples 64 --hidden-cache "$OUT/hidden-cache")
 mkdir -p "$OUT"
-for kind in $KINDS; do
-  /usr/bin/time -f "$kind: %e s" ctcspec train --kind "$kind" "${COMMON[@]}" --out "$OUT/$kind" \
-    2>&1 | tee "$OUT/$kind.log"
+for run in $RUNS; do
+  case $run in
+    hydra) args=(--kind hydra --intermediate-size 512) ;;  # its token projections add 3.3 M parameters
+    ctc-ce) args=(--kind ctc --loss ce) ;;                  # the loss ablation: slot i predicts token i
+    *) args=(--kind "$run") ;;
+  esac
+  /usr/bin/time -f "$run: %e s" ctcspec train "${args[@]}" "${COMMON[@]}" --out "$OUT/$run" 2>&1 | tee "$OUT/$run.log"
 done

@@ -20,7 +20,7 @@ from ctcspec.drafters.base import DraftRequest
 from ctcspec.drafters.heads import search_nodes
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
-from ctcspec.train import TrainConfig, base_hidden, search_acceptance_curve, train
+from ctcspec.train import TrainConfig, acceptance_curve, base_hidden, train
 
 KINDS = ("medusa", "hydra", "eagle")
 
@@ -90,7 +90,7 @@ def test_training_learns_and_the_drafter_stays_lossless(llama, tmp_path, kind):
     data = write_distilled(llama, tmp_path / "data")
     samples = [json.loads(line) for line in (data / "samples.jsonl").read_text().splitlines()]
     heldout = [s for s in samples if s["index"] % 8 == 0][:4]
-    untrained = search_acceptance_curve(tiny_heads_module(llama, kind, vocab=48, depth=3), llama, heldout,
+    untrained = acceptance_curve(tiny_heads_module(llama, kind, vocab=48, depth=3), llama, heldout,
                                         budgets=(8,))
     summary = train(llama, [data], tmp_path / kind, _config(kind=kind), progress=False)
     assert summary["acceptance_curve"]["search"][8] > untrained[8]

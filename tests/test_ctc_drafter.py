@@ -83,7 +83,7 @@ def test_drafter_extends_its_cache_and_proposes_valid_trees(llama):
         drafter.propose(DraftRequest(tokens, max_depth=3))
 
 
-@pytest.mark.parametrize("transform", ["beam", "topk"])
+@pytest.mark.parametrize("transform", ["beam", "topk", "none"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 def test_ctc_decoding_identical_to_hf_generate(arch, transform):
     model = tiny_model(arch)

@@ -37,7 +37,7 @@ def test_identical_to_hf_generate_on_smollm2(smollm2):
     model, tokenizer = smollm2.model, smollm2.tokenizer
     eos = sorted(eos_ids_of(model))
     drafters = [make_drafter(name, model=model, model_name=DEFAULT_MODEL, tree_budget=8)
-                for name in ("vanilla", "lookup", "ctc", "ctc+lookup")]
+                for name in ("vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle")]
     stops = set()
     for text in PROMPTS:
         prompt = encode_chat(tokenizer, [{"role": "user", "content": text}])
@@ -56,10 +56,11 @@ def test_chat_template_and_weights_load(smollm2):
     assert "<|im_start|>assistant" in smollm2.tokenizer.decode(ids)
 
 
-def test_shipped_ctc_drafter_is_small_and_chooses_a_measured_budget(smollm2):
+@pytest.mark.parametrize("kind", ["ctc", "medusa", "hydra", "eagle"])
+def test_shipped_drafters_are_small_and_choose_a_measured_budget(smollm2, kind):
     from ctcspec.checkpoint import default_drafter_dir
 
-    directory = default_drafter_dir(DEFAULT_MODEL)
+    directory = default_drafter_dir(DEFAULT_MODEL, kind)
     assert sum(f.stat().st_size for f in directory.iterdir()) < 30e6
-    drafter = make_drafter("ctc", model=smollm2.model, model_name=DEFAULT_MODEL)  # budget from the cost curve
+    drafter = make_drafter(kind, model=smollm2.model, model_name=DEFAULT_MODEL)  # budget from the cost curve
     assert 1 <= drafter.tree_budget <= 64

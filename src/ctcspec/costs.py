@@ -99,3 +99,28 @@ def choose_tree_budget(acceptance: dict[int, float], cost: dict[int, float],
 def expected_rate(accepted: float, budget: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:
     """Expected tokens per second of a step drafting `budget` nodes of which `accepted` are kept on average."""
     return (1 + accepted) / (interpolate_cost(cost, budget + 1) + draft_cost)
+
+
+def drafting_cost_curve(drafter, budgets, context: int = 256, repeats: int = 5) -> dict[int, float]:
+    """Median seconds of one `drafter.propose` step per tree budget, on a random context (hidden
+    states and draft-vocabulary tokens); for trained drafters, whose cost may grow with the budget."""
+    from ctcspec.drafters.base import DraftRequest
+
+    module = drafter.module
+    gen = torch.Generator().manual_seed(0)
+    tokens = module.vocab_ids[torch.randint(0, len(module.vocab_ids), (context + repeats + 1,), generator=gen)]
+    hidden = torch.randn(context + repeats, module.config.hidden_size, generator=gen).to(module.embed_weight.dtype)
+    saved, seconds = drafter.tree_budget, {}
+    for budget in budgets:
+        drafter.tree_budget = budget
+        drafter.reset()
+        drafter.propose(DraftRequest(tokens[:context + 1], 16, hidden[:context]))
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            drafter.propose(DraftRequest(tokens[:context + i + 2], 16, hidden[context + i:context + i + 1]))
+            times.append(time.perf_counter() - start)
+        seconds[budget] = statistics.median(times)
+    drafter.tree_budget = saved
+    drafter.reset()
+    return seconds

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctcspec.draft_module import register_draft_vocabulary
+
 HEAD_KINDS = ("medusa", "hydra", "eagle")
 
 
@@ -72,14 +74,7 @@ class HeadsModule(nn.Module):
             raise ValueError("vocab_ids must hold draft_vocab_size token ids")
         self.config = config
         self.other_head = nn.Linear(config.hidden_size, 1)
-        self.register_buffer("vocab_ids", vocab_ids.to(torch.long), persistent=False)
-        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
-        self.register_buffer("head_weight", head_weight.detach()[vocab_ids], persistent=False)
-        bias = head_bias.detach()[vocab_ids] if head_bias is not None else None
-        self.register_buffer("head_bias", bias, persistent=False)
-        class_of = torch.full((embed_weight.shape[0],), config.other_id, dtype=torch.long)
-        class_of[vocab_ids] = torch.arange(len(vocab_ids))
-        self.register_buffer("class_of_token", class_of, persistent=False)
+        register_draft_vocabulary(self, vocab_ids, embed_weight, head_weight, head_bias, config.other_id)
 
     @property
     def target_count(self) -> int:

@@ -65,6 +65,21 @@ class DraftConfig:
         return asdict(self)
 
 
+def register_draft_vocabulary(module: nn.Module, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
+                              head_weight: torch.Tensor, head_bias: torch.Tensor | None, other_id: int) -> None:
+    """The base model's frozen pieces a draft module reads, as non-persistent buffers: its input
+    embedding, its LM head rows for the draft vocabulary, and the token id -> class id map (tokens
+    outside the vocabulary map to `other_id`)."""
+    module.register_buffer("vocab_ids", vocab_ids.to(torch.long), persistent=False)
+    module.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
+    module.register_buffer("head_weight", head_weight.detach()[vocab_ids], persistent=False)
+    bias = head_bias.detach()[vocab_ids] if head_bias is not None else None
+    module.register_buffer("head_bias", bias, persistent=False)
+    class_of = torch.full((embed_weight.shape[0],), other_id, dtype=torch.long)
+    class_of[vocab_ids] = torch.arange(len(vocab_ids))
+    module.register_buffer("class_of_token", class_of, persistent=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -154,14 +169,7 @@ class CTCDraftModule(nn.Module):
         self.layer = DraftLayer(config)
         self.out_norm = RMSNorm(d, config.rms_eps)
         self.extra_head = nn.Linear(d, 2)  # [other, blank]
-        self.register_buffer("vocab_ids", vocab_ids.to(torch.long), persistent=False)
-        self.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
-        self.register_buffer("head_weight", head_weight.detach()[vocab_ids], persistent=False)
-        bias = head_bias.detach()[vocab_ids] if head_bias is not None else None
-        self.register_buffer("head_bias", bias, persistent=False)
-        class_of = torch.full((embed_weight.shape[0],), config.other_id, dtype=torch.long)
-        class_of[vocab_ids] = torch.arange(len(vocab_ids))
-        self.register_buffer("class_of_token", class_of, persistent=False)  # token id -> class id
+        register_draft_vocabulary(self, vocab_ids, embed_weight, head_weight, head_bias, config.other_id)
         pattern = torch.ones(config.num_slots, config.num_slots, dtype=torch.bool)
         if config.slot_attention == "causal":
             pattern = pattern.tril()

@@ -33,6 +33,7 @@ from ctcspec.draft_module import CTCDraftModule, DraftConfig
 from ctcspec.errors import CtcspecError
 
 BUDGETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+SEARCH_BUDGETS = BUDGETS[:10]  # sequential drafters pay a forward per node: their curves stop at 32 nodes
 CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every",
                                "hidden_cache"})
@@ -206,43 +207,10 @@ def acceptance_curve(module, model, samples: list[dict], transform: str = "beam"
     hidden states there are what decoding would hand the drafter. `transform` applies to the CTC
     module; the baselines are searched best first as at inference.
     """
-    if not isinstance(module, CTCDraftModule):
-        return search_acceptance_curve(module, model, samples, budgets, max_anchors, max_length, seed)
     was_training = module.training
     module.eval()
-    c = module.config
-    totals = [0] * len(budgets)
-    drafts = 0
-    generator = torch.Generator().manual_seed(seed)
-    device = module.embed_weight.device
-    for sample in samples:
-        tokens, lengths, prompt_lens = pad_batch([sample], max_length, device)
-        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, generator)
-        anchors, valid = anchors.to(device), valid.to(device)
-        hidden = base_hidden(model, tokens, lengths)
-        log_probs = module.training_logits(hidden, tokens, anchors).float().log_softmax(-1)[0].cpu()
-        truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, c.num_slots)
-        for a in range(anchors.shape[1]):
-            if not bool(valid[0, a]):
-                continue
-            n = int(truth_lengths[0, a])
-            target = [t for t in truth[0, a, :n].tolist() if t != c.other_id]
-            nodes = transform_nodes(log_probs[a], transform, top_k, beam_width, c.blank_id, c.other_id, max(budgets))
-            accepted = accepted_by_budget(nodes, target, budgets)
-            totals = [x + y for x, y in zip(totals, accepted, strict=True)]
-            drafts += 1
-    module.train(was_training)
-    return {b: total / max(drafts, 1) for b, total in zip(budgets, totals, strict=True)}
-
-
-@torch.no_grad()
-def search_acceptance_curve(module, model, samples: list[dict], budgets=BUDGETS, max_anchors: int = 48,
-                            max_length: int = 1024, seed: int = 0) -> dict[int, float]:
-    """`acceptance_curve` for a baseline module: its best-first search, as the drafter runs it."""
-    from ctcspec.drafters.heads import search_nodes
-
-    was_training = module.training
-    module.eval()
+    other = module.config.other_id
+    depth = module.config.num_slots if isinstance(module, CTCDraftModule) else module.config.depth
     totals, drafts = [0] * len(budgets), 0
     generator = torch.Generator().manual_seed(seed)
     device = module.embed_weight.device
@@ -251,19 +219,33 @@ def search_acceptance_curve(module, model, samples: list[dict], budgets=BUDGETS,
         anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, generator)
         anchors, valid = anchors.to(device), valid.to(device)
         hidden = base_hidden(model, tokens, lengths)
-        truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, module.config.depth)
+        truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, depth)
         kept = [a for a in range(anchors.shape[1]) if bool(valid[0, a])]
-        contexts = module.offline_contexts(hidden.to(module.embed_weight.dtype), tokens,
-                                           [int(anchors[0, a]) for a in kept])
-        for a, context in zip(kept, contexts, strict=True):
-            n = int(truth_lengths[0, a])
-            target = [t for t in truth[0, a, :n].tolist() if t != module.config.other_id]
-            nodes = search_nodes(module, context, max(budgets), module.config.depth)
-            accepted = accepted_by_budget(nodes, target, budgets)
-            totals = [x + y for x, y in zip(totals, accepted, strict=True)]
+        ranked = ranked_drafts(module, hidden, tokens, [int(anchors[0, a]) for a in kept], transform, top_k,
+                               beam_width, max(budgets))
+        for a, nodes in zip(kept, ranked, strict=True):
+            target = [t for t in truth[0, a, :int(truth_lengths[0, a])].tolist() if t != other]
+            totals = [x + y for x, y in zip(totals, accepted_by_budget(nodes, target, budgets), strict=True)]
             drafts += 1
     module.train(was_training)
     return {b: total / max(drafts, 1) for b, total in zip(budgets, totals, strict=True)}
+
+
+def ranked_drafts(module, hidden: torch.Tensor, tokens: torch.Tensor, anchors: list[int], transform: str,
+                  top_k: int, beam_width: int, max_nodes: int) -> list[list[tuple[int, ...]]]:
+    """Per anchor, the ranked draft nodes the drafter would offer there (as at inference)."""
+    if not anchors:
+        return []
+    if isinstance(module, CTCDraftModule):
+        c = module.config
+        log_probs = module.training_logits(hidden, tokens, torch.tensor([anchors], device=tokens.device))
+        log_probs = log_probs.float().log_softmax(-1)[0].cpu()
+        return [transform_nodes(lp, transform, top_k, beam_width, c.blank_id, c.other_id, max_nodes)
+                for lp in log_probs]
+    from ctcspec.drafters.heads import search_nodes
+
+    contexts = module.offline_contexts(hidden.to(module.embed_weight.dtype), tokens, anchors)
+    return [search_nodes(module, context, max_nodes, module.config.depth) for context in contexts]
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -399,9 +381,12 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     seconds = time.perf_counter() - start
     summary = {}
     if accelerator.is_main_process:
-        curves = {t: acceptance_curve(inner, model, heldout[:config.final_eval_samples], transform=t,
-                                      max_length=config.max_length)
-                  for t in (TRANSFORMS if config.kind == "ctc" else ("search",))}
+        if config.kind == "ctc":
+            curves = {t: acceptance_curve(inner, model, heldout[:config.final_eval_samples], transform=t,
+                                          max_length=config.max_length) for t in TRANSFORMS}
+        else:  # 16 anchors per sequence: a best-first search of 32 nodes costs ~60 ms on a CPU
+            curves = {"search": acceptance_curve(inner, model, heldout[:config.final_eval_samples],
+                                                 budgets=SEARCH_BUDGETS, max_anchors=16, max_length=config.max_length)}
         if stopped_early:
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
                              vocab_ids, config)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ctcspec.checkpoint import default_drafter_dir, load_drafter_module
-from ctcspec.costs import choose_tree_budget, expected_rate, machine_cost_curve
+from ctcspec.costs import choose_tree_budget, drafting_cost_curve, expected_rate, machine_cost_curve
 from ctcspec.ctc_transform import TRANSFORMS, build_tree, transform_nodes
 from ctcspec.draft_module import ContextCache, CTCDraftModule
 from ctcspec.drafters.base import Drafter, DraftRequest
@@ -109,24 +109,9 @@ class CTCDrafter(Drafter):
         return build_tree(nodes, budget, self._token_of_class)
 
 
-def drafting_seconds(drafter: CTCDrafter, context: int = 256, repeats: int = 5) -> float:
-    """Median time of one propose() step on a random context (hidden states and tokens)."""
-    import statistics
-    import time
-
-    module = drafter.module
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, module.embed_weight.shape[0], (context + repeats + 1,), generator=gen)
-    hidden = torch.randn(context + repeats, module.config.hidden_size, generator=gen).to(module.embed_weight.dtype)
-    drafter.reset()
-    drafter.propose(DraftRequest(tokens[:context + 1], 16, hidden[:context]))
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        drafter.propose(DraftRequest(tokens[:context + i + 2], 16, hidden[context + i:context + i + 1]))
-        times.append(time.perf_counter() - start)
-    drafter.reset()
-    return statistics.median(times)
+def drafting_seconds(drafter: CTCDrafter) -> float:
+    """Median time of one propose() step at the drafter's budget (one slot forward whatever the budget)."""
+    return drafting_cost_curve(drafter, [drafter.tree_budget])[drafter.tree_budget]
 
 
 def load_ctc_drafter(model: torch.nn.Module, path: str | Path | None = None, model_name: str | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ctcspec.checkpoint import default_drafter_dir, load_drafter_module
-from ctcspec.costs import choose_tree_budget, machine_cost_curve
+from ctcspec.costs import choose_tree_budget, drafting_cost_curve, machine_cost_curve
 from ctcspec.ctc_transform import build_tree
 from ctcspec.draft_heads import HeadsModule, best_first_nodes
 from ctcspec.drafters.base import Drafter, DraftRequest
@@ -54,31 +54,6 @@ class HeadsDrafter(Drafter):
         return build_tree(nodes, self.tree_budget, self._token_of_class)
 
 
-def drafting_seconds_by_budget(drafter: Drafter, budgets, context: int = 256, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of one propose() step per tree budget, on a random context."""
-    import statistics
-    import time
-
-    module = drafter.module
-    gen = torch.Generator().manual_seed(0)
-    tokens = module.vocab_ids[torch.randint(0, len(module.vocab_ids), (context + repeats + 1,), generator=gen)]
-    hidden = torch.randn(context + repeats, module.config.hidden_size, generator=gen).to(module.embed_weight.dtype)
-    saved, seconds = drafter.tree_budget, {}
-    for budget in budgets:
-        drafter.tree_budget = budget
-        drafter.reset()
-        drafter.propose(DraftRequest(tokens[:context + 1], 16, hidden[:context]))
-        times = []
-        for i in range(repeats):
-            start = time.perf_counter()
-            drafter.propose(DraftRequest(tokens[:context + i + 2], 16, hidden[context + i:context + i + 1]))
-            times.append(time.perf_counter() - start)
-        seconds[budget] = statistics.median(times)
-    drafter.tree_budget = saved
-    drafter.reset()
-    return seconds
-
-
 def load_heads_drafter(kind: str, model: torch.nn.Module, path: str | Path | None = None,
                        model_name: str | None = None, tree_budget: int | None = None) -> HeadsDrafter:
     """A trained `kind` drafter for `model`: from `path`, else the one shipped for the embedded default.
@@ -93,7 +68,7 @@ def load_heads_drafter(kind: str, model: torch.nn.Module, path: str | Path | Non
     acceptance = {int(b): float(a) for b, a in config.get("acceptance_curve", {}).get("search", {}).items()}
     if tree_budget is None and acceptance:
         tree_budget = choose_tree_budget(acceptance, machine_cost_curve(model),
-                                         drafting_seconds_by_budget(drafter, sorted(acceptance)))
+                                         drafting_cost_curve(drafter, sorted(acceptance), repeats=3))
     drafter.tree_budget = tree_budget if tree_budget is not None else DEFAULT_TREE_BUDGET
     if drafter.tree_budget < 1:
         raise CtcspecError("--tree-budget must be at least 1")
