@@ -1,6 +1,6 @@
 """How many answers in a bench report end in a repetition loop (a tail piece of text repeated 3+ times).
 
-    python scripts/count_loops.py runs/mt_bench_20.json [--system vanilla]
+    python scripts/count_loops.py runs/mt_bench_3pc [--system vanilla]
 
 Small models often loop on long answers; prompt lookup copies the loop, so its beta on such answers says
 more about the model than about the drafter. This puts a number on it.
@@ -9,7 +9,8 @@ more about the model than about the drafter. This puts a number on it.
 from __future__ import annotations
 
 import argparse
-import json
+
+from ctcspec.bench import read_report
 
 
 def ends_in_loop(text: str, window: int = 300, min_len: int = 8, max_len: int = 100) -> bool:
@@ -22,7 +23,7 @@ def main() -> None:
     ap.add_argument("report")
     ap.add_argument("--system", default="vanilla")
     args = ap.parse_args()
-    turns = json.load(open(args.report))["turns"][args.system]
+    turns = read_report(args.report)["turns"][args.system]
     looping = sum(ends_in_loop(t["text"]) for t in turns)
     print(f"{looping} of {len(turns)} {args.system} answers end in a repetition loop")
     for turn in sorted({t["turn"] for t in turns}):

@@ -1,15 +1,16 @@
 """β and speedup vs vanilla of a saved bench report, restricted to a subset of its questions, so a
 smaller run can be compared with the same questions of a bigger one.
 
-    python scripts/subset_table.py runs/mt_bench_3pc.json --per-category 1
-    python scripts/subset_table.py runs/gsm8k_50.json --limit 16
+    python scripts/subset_table.py runs/mt_bench_3pc --per-category 1
+    python scripts/subset_table.py runs/gsm8k_50 --limit 16
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+
+from ctcspec.bench import read_report
 
 
 def main() -> None:
@@ -18,7 +19,7 @@ def main() -> None:
     parser.add_argument("--per-category", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
-    turns = json.load(open(args.report))["turns"]
+    turns = read_report(args.report)["turns"]
     order, seen = [], {}
     for record in turns["vanilla"]:
         qid, category = record["question_id"], record["category"]

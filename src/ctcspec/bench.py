@@ -191,3 +191,9 @@ def format_table(report: dict) -> str:
 def write_report(report: dict, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, **report, "per_category": per_category(report)}, indent=2) + "\n")
+
+
+def read_report(path: str | Path) -> dict:
+    """A saved report: a `bench --out` directory or its report.json (or an older single-file report)."""
+    path = Path(path)
+    return json.loads((path / "report.json" if path.is_dir() else path).read_text(encoding="utf-8"))

@@ -290,11 +290,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ctcspec.bench import format_category_table, format_table
+    from ctcspec.bench import format_category_table, format_table, read_report
 
-    path = args.path / "report.json" if args.path.is_dir() else args.path
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_report(args.path)
         meta = report["meta"]
         tables = format_table(report), format_category_table(report)
     except OSError as exc:
