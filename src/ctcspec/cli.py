@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 from ctcspec import __version__
+from ctcspec.draft_heads import HEAD_KINDS
 from ctcspec.errors import CtcspecError
 from ctcspec.models import DEFAULT_MODEL
 from ctcspec.prompts import require_prompt
 from ctcspec.train import TrainConfig
 
-TRAINABLE = ("ctc", "medusa", "hydra", "eagle")
+TRAINABLE = ("ctc", *HEAD_KINDS)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

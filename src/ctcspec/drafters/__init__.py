@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from ctcspec.draft_heads import HEAD_KINDS
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
 
 DRAFTERS = ("vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle")
-BASELINES = ("medusa", "hydra", "eagle")  # trained baselines (drafters/heads.py runs them)
+BASELINES = HEAD_KINDS  # trained baselines (drafters/heads.py runs them)
 
 
 def check_drafter_name(name: str) -> str:
