@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ctcspec.cpu_kernels import plain_linear_layers
 from ctcspec.drafters import Drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
 from ctcspec.prompts import Question, encode_chat
@@ -48,16 +49,17 @@ class SystemRuns:
 
 
 def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
+    """Stock HF greedy `generate`: on the model's original linear layers even when the engines run packed ones."""
     from transformers import GenerationConfig
 
     eos = sorted(eos_ids_of(model))
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
                               pad_token_id=eos[0] if eos else 0)
     ids = torch.tensor([prompt], device=model.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), plain_linear_layers(model):
+        start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     tokens = out[0, len(prompt):].tolist()
     cut = next((i for i, t in enumerate(tokens) if t in eos), None)  # be exact should anything follow EOS
     tokens = tokens if cut is None else tokens[: cut + 1]

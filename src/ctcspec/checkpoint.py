@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ctcspec.cpu_kernels import linear_kernels_of, pack_draft_module, packing_supported
 from ctcspec.draft_heads import HeadsConfig
 from ctcspec.draft_module import CTCDraftModule, DraftConfig, base_head
 from ctcspec.errors import CtcspecError
@@ -130,7 +131,10 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CtcspecError(f"{directory / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
     module.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-    return module.to(dtype=dtype).eval(), config
+    module = module.to(dtype=dtype).eval()
+    if linear_kernels_of(model) == "packed" and packing_supported(module):
+        pack_draft_module(module)  # the drafter runs like its base: packed fp32 on CPU
+    return module, config
 
 
 def default_drafter_dir(model_name: str, kind: str = "ctc") -> Path | None:

@@ -27,6 +27,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's choice; 1 gives the steadiest timings)")
 
 
+def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
+                   help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
+                        "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
+                        "auto (default) = packed on CPU in fp32")
+
+
 def _add_ctc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter-path", type=Path, default=None,
                    help="trained drafter directory (default: the one shipped for the embedded default model)")
@@ -52,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from one prompt, streaming, with statistics",
                          description="Generate greedily from one prompt; output equals plain greedy decoding.")
     _add_model_args(gen)
+    _add_kernel_args(gen)
     gen.add_argument("--drafter", default=None,
                      help="vanilla | lookup | ctc | ctc+lookup | medusa | hydra | eagle "
                           "(default: ctc with --drafter-path, else lookup)")
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run each drafter and HF generate on the same questions (FastChat jsonl, "
                                        "both turns; or GSM8K jsonl) and print beta, tokens/s and speedups.")
     _add_model_args(bench)
+    _add_kernel_args(bench)
     bench.add_argument("--bench", "--questions", dest="questions", default="builtin",
                        help="mt_bench | vicuna_bench | gsm8k (its test split, read from --data-dir) | a question "
                             "jsonl (FastChat or GSM8K format) | builtin: the demo set (default)")
@@ -131,7 +140,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype, kernels=getattr(args, "kernels", "plain"))
 
 
 def _read_prompt(args) -> str:
@@ -212,6 +221,7 @@ def cmd_bench(args) -> int:
     from ctcspec.bench import format_category_table, format_table, run_bench
     from ctcspec.bench_report import write_outputs
     from ctcspec.checkpoint import default_drafter_dir
+    from ctcspec.cpu_kernels import linear_kernels_of
     from ctcspec.drafters import check_drafter_name
     from ctcspec.prompts import load_questions, resolve_bench, select_questions
 
@@ -233,7 +243,8 @@ def cmd_bench(args) -> int:
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
             "n_questions": len(questions), "command": "ctcspec " + " ".join(sys.argv[1:]),
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
-            "dtype": args.dtype, "cpu_count": os.cpu_count(), "per_category": args.per_category,
+            "dtype": args.dtype, "kernels": linear_kernels_of(loaded.model), "cpu_count": os.cpu_count(),
+            "per_category": args.per_category,
             "drafter_settings": {n: _settings(d) for n, d in drafters.items()}}
     paths = write_outputs(report, meta, args.out)
     print(format_table(report))

@@ -49,10 +49,12 @@ def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZ
     import hashlib
     import json
 
+    from ctcspec.cpu_kernels import linear_kernels_of
     from ctcspec.models import ctcspec_home
 
     key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
-                      "dtype": str(model.dtype), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "dtype": str(model.dtype), "kernels": linear_kernels_of(model),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "sizes": list(sizes)}, sort_keys=True)
     path = ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:

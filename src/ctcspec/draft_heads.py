@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctcspec.draft_module import register_draft_vocabulary
+from ctcspec.draft_module import draft_vocab_logits, register_draft_vocabulary
 
 HEAD_KINDS = ("medusa", "hydra", "eagle")
 
@@ -86,8 +86,7 @@ class HeadsModule(nn.Module):
 
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., classes): the base LM head's rows for the draft vocabulary, then "other"."""
-        bias = None if self.head_bias is None else self.head_bias.to(x.dtype)
-        return torch.cat([F.linear(x, self.head_weight.to(x.dtype), bias), self.other_head(x)], dim=-1)
+        return torch.cat([draft_vocab_logits(self, x), self.other_head(x)], dim=-1)
 
     def class_loss(self, logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of logits (b, S, k, classes) against target classes (b, S, >=k) where k < length."""

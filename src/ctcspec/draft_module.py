@@ -80,6 +80,16 @@ def register_draft_vocabulary(module: nn.Module, vocab_ids: torch.Tensor, embed_
     module.register_buffer("class_of_token", class_of, persistent=False)
 
 
+def draft_vocab_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., draft_vocab_size) through the frozen LM head rows, on their oneDNN-packed
+    copy when the drafter was packed for CPU inference (cpu_kernels.pack_draft_module)."""
+    packed = getattr(module, "packed_head", None)
+    if packed is not None:
+        return packed(x)
+    bias = None if module.head_bias is None else module.head_bias.to(x.dtype)
+    return F.linear(x, module.head_weight.to(x.dtype), bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -187,9 +197,7 @@ class CTCDraftModule(nn.Module):
 
     def slot_logits(self, outputs: torch.Tensor) -> torch.Tensor:
         x = self.out_norm(outputs)
-        bias = None if self.head_bias is None else self.head_bias.to(x.dtype)
-        vocab = F.linear(x, self.head_weight.to(x.dtype), bias)
-        return torch.cat([vocab, self.extra_head(x)], dim=-1)
+        return torch.cat([draft_vocab_logits(self, x), self.extra_head(x)], dim=-1)
 
 
     # -- inference --------------------------------------------------------------------------------

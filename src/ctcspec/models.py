@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ctcspec.cpu_kernels import apply_kernels
 from ctcspec.errors import CtcspecError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -58,8 +59,12 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32",
-               attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load a decoder-only model and its tokenizer, in eval mode, on `device`."""
+               attn_implementation: str = "sdpa", kernels: str = "plain") -> LoadedModel:
+    """Load a decoder-only model and its tokenizer, in eval mode, on `device`.
+
+    kernels: "plain" leaves the HF model as it is; "packed" runs its linear layers on oneDNN-packed
+    weights (fp32 on CPU, see cpu_kernels.py); "auto" packs where that applies.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -77,7 +82,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
     except (ValueError, OSError) as exc:
         raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model.to(device).eval(), tokenizer, path)
+    model = model.to(device).eval()
+    try:
+        apply_kernels(model, kernels)
+    except ValueError as exc:
+        raise CtcspecError(f"--kernels {kernels}: {exc}") from None
+    return LoadedModel(model, tokenizer, path)
 
 
 def _gguf_path() -> Path:

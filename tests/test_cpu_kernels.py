@@ -1,0 +1,115 @@
+"""oneDNN-packed linear layers: same products, same parameters, and decoding still identical to stock HF generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ctc_helpers import tiny_heads_drafter, tiny_module
+from test_equivalence import drafters_for, prompts
+
+from conftest import ARCHS, hf_greedy, tiny_model
+from ctcspec.bench import hf_generate
+from ctcspec.checkpoint import describe_base, load_drafter_module, save_drafter
+from ctcspec.cpu_kernels import (PackedLinear, apply_kernels, linear_kernels_of, pack_draft_module,
+                                 pack_linear_layers, packing_supported, plain_linear_layers)
+from ctcspec.drafters.ctc import CTCDrafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.errors import CtcspecError
+from ctcspec.models import load_model
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.nn.Linear(2, 2)), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_computes_the_same_product(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias)
+    packed = PackedLinear.from_linear(linear)
+    assert packed.weight is linear.weight and packed.bias is linear.bias
+    for rows in (1, 2, 3, 5, 8, 17, 33, 70):
+        x = torch.randn(1, rows, 96)
+        with torch.inference_mode():
+            torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_falls_back_when_gradients_are_needed():
+    linear = torch.nn.Linear(8, 4)
+    packed = PackedLinear.from_linear(linear)
+    packed(torch.randn(3, 8)).sum().backward()
+    assert linear.weight.grad is not None
+
+
+def test_packing_keeps_parameters_and_can_be_undone_for_a_block():
+    plain = tiny_model("gemma")  # ties its LM head to the input embedding
+    model = tiny_model("gemma")
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    count = pack_linear_layers(model)
+    assert count == sum(isinstance(m, torch.nn.Linear) for m in plain.modules()) and count > 0
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before  # shared, nothing copied or lost
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    assert linear_kernels_of(model) == "packed"
+    with plain_linear_layers(model):
+        assert linear_kernels_of(model) == "plain"
+        assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear_kernels_of(model) == "packed"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_packed_engine_is_identical_to_hf_generate_on_the_plain_model(arch):
+    plain, packed = tiny_model(arch), tiny_model(arch)
+    pack_linear_layers(packed)
+    for prompt in prompts(12):
+        expected = hf_greedy(plain, prompt, 40)  # the oracle runs the unmodified HF model
+        for drafter in drafters_for(prompt, expected, packed):
+            got = SpeculativeEngine(packed, drafter).generate(prompt, 40)
+            assert got.tokens == expected, f"{arch}/{drafter.name} prompt={prompt[:8]}..."
+
+
+@pytest.mark.parametrize("kind", ["ctc", "medusa", "hydra", "eagle"])
+def test_packed_drafters_draft_the_same_trees(kind):
+    model = tiny_model("qwen2")
+    if kind == "ctc":
+        plain, packed = CTCDrafter(tiny_module(model, seed=3), 10), CTCDrafter(tiny_module(model, seed=3), 10)
+    else:
+        plain, packed = tiny_heads_drafter(model, kind, seed=3, tree_budget=10), \
+            tiny_heads_drafter(model, kind, seed=3, tree_budget=10)
+    pack_draft_module(packed.module)
+    assert linear_kernels_of(packed.module) == "packed"
+    pack_linear_layers(model)
+    for prompt in prompts(6):
+        runs = [SpeculativeEngine(model, d).generate(prompt, 30) for d in (plain, packed)]
+        assert runs[0].tokens == runs[1].tokens == hf_greedy(model, prompt, 30)
+        assert runs[0].stats.steps == runs[1].stats.steps  # same trees, so the same acceptance
+
+
+def test_a_drafter_loads_packed_exactly_when_its_base_runs_packed(tmp_path):
+    model = tiny_model("llama")
+    save_drafter(tmp_path / "d", tiny_module(model), describe_base(model), dtype=torch.float32)
+    assert linear_kernels_of(load_drafter_module(tmp_path / "d", model)[0]) == "plain"
+    pack_linear_layers(model)  # the LM head fingerprint is unchanged, so the drafter still matches
+    module, _ = load_drafter_module(tmp_path / "d", model)
+    assert linear_kernels_of(module) == "packed" and module.packed_head is not None
+
+
+def test_hf_generate_in_the_bench_runs_the_stock_layers(monkeypatch):
+    model = tiny_model("gemma")
+    prompt = prompts(3)[1]
+    expected = hf_greedy(model, prompt, 12)
+    pack_linear_layers(model)
+
+    def refuse(self, x):
+        raise AssertionError("HF generate ran a packed layer")
+
+    monkeypatch.setattr(PackedLinear, "forward", refuse)
+    assert hf_generate(model, prompt, 12).tokens == expected
+    assert linear_kernels_of(model) == "packed"  # restored afterwards
+
+
+def test_kernel_choice_when_loading(tiny_model_dir):
+    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="auto").model) == "packed"
+    assert linear_kernels_of(load_model(str(tiny_model_dir)).model) == "plain"  # the library default
+    assert linear_kernels_of(load_model(str(tiny_model_dir), dtype="bfloat16", kernels="auto").model) == "plain"
+    with pytest.raises(CtcspecError, match="--kernels packed: .*fp32"):
+        load_model(str(tiny_model_dir), dtype="bfloat16", kernels="packed")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        apply_kernels(tiny_model("llama"), "fast")
