@@ -10,8 +10,15 @@ from test_equivalence import drafters_for, prompts
 from conftest import ARCHS, hf_greedy, tiny_model
 from ctcspec.bench import hf_generate
 from ctcspec.checkpoint import describe_base, load_drafter_module, save_drafter
-from ctcspec.cpu_kernels import (PackedLinear, apply_kernels, linear_kernels_of, pack_draft_module,
-                                 pack_linear_layers, packing_supported, plain_linear_layers)
+from ctcspec.cpu_kernels import (
+    PackedLinear,
+    apply_kernels,
+    linear_kernels_of,
+    pack_draft_module,
+    pack_linear_layers,
+    packing_supported,
+    plain_linear_layers,
+)
 from ctcspec.drafters.ctc import CTCDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
