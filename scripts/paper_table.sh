@@ -6,7 +6,7 @@
 #   bash scripts/paper_table.sh            # writes docs/results/{mt_bench_3pc,gsm8k_50}/
 set -euo pipefail
 OUT=${OUT:-docs/results}
-DRAFTERS=${DRAFTERS:-vanilla,lookup,medusa,hydra,eagle,ctc}
+DRAFTERS=${DRAFTERS:-vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup}
 common=(--max-new-tokens 256 --threads 1 --drafters "$DRAFTERS")
 mkdir -p "$OUT" "${LOGS:-runs}"
 ctcspec bench --bench mt_bench --per-category 3 "${common[@]}" --out "$OUT/mt_bench_3pc" > "${LOGS:-runs}/mt_bench_3pc.log" 2>&1 &

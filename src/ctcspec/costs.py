@@ -65,7 +65,7 @@ def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZ
 
     print("ctcspec: measuring this machine's verification cost curve once (a few seconds) ...", file=sys.stderr,
           flush=True)
-    curve = verify_cost_curve(model, list(sizes), repeats=3)
+    curve = verify_cost_curve(model, list(sizes), repeats=5)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(curve))
     return curve
