@@ -3,9 +3,10 @@
 Verification multiplies every weight matrix by q = 2..30 rows at once. torch's default CPU path
 (MKL sgemm on an unpacked weight) is tuned for one row or for many, not for a handful: here a
 5-row forward of SmolLM2 took 1.9x a 1-row one, which made trees nearly unaffordable. oneDNN with
-the weight reordered once into its blocked layout does the same product in the time of about one
-row (`python scripts/linear_kernels.py` measures both). The arithmetic is still fp32 with fp32
-accumulation; only the summation order differs, as it already does between batch sizes.
+the weight reordered once into its blocked layout does the same product in about the time of one
+row (docs/kernels.md; `python scripts/linear_kernels.py` measures both). The arithmetic is still
+fp32 with fp32 accumulation; only the summation order differs, as it already does between batch
+sizes, and decoding stays token-identical to stock HF `generate` (tests/test_cpu_kernels.py).
 
 `pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear` that shares its
 parameters (state dicts, tied weights and `.weight` readers are unaffected) and keeps the packed

@@ -1,0 +1,63 @@
+"""Verification cost curve with stock and with oneDNN-packed linear layers, side by side (docs/kernels.md).
+
+    python scripts/linear_kernels.py [--model smollm2-135m-instruct] [--threads 1] [--rounds 7]
+
+Prints, per tree size q (root included), the median milliseconds of one verification forward over
+a 256-token context, with the HF model as loaded ("plain") and after `pack_linear_layers`
+("packed"); the same model object, measured interleaved so machine drift hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from transformers import DynamicCache
+
+from ctcspec.cpu_kernels import pack_linear_layers, plain_linear_layers
+from ctcspec.models import DEFAULT_MODEL, load_model
+from ctcspec.tree import TokenTree
+from ctcspec.verify import prefill, verify_tree
+
+SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--context", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).model
+    pack_linear_layers(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
+    cache = DynamicCache(config=model.config)
+    prefill(model, cache, prompt[:-1])
+    seconds = {(kernels, q): [] for kernels in ("plain", "packed") for q in SIZES}
+    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+        for q in SIZES:
+            tree = TokenTree.from_sequences([[int(t)] for t in torch.randperm(vocab, generator=gen)[:q - 1]])
+            for kernels in ("plain", "packed"):
+                with plain_linear_layers(model) if kernels == "plain" else nullcontext():
+                    start = time.perf_counter()
+                    verify_tree(model, cache, prompt[-1], tree, args.context - 1)
+                    seconds[kernels, q].append(time.perf_counter() - start)
+                cache.crop(-(len(tree) + 1))
+    median = {key: statistics.median(ts[1:]) * 1000 for key, ts in seconds.items()}
+    print(f"{args.model}, {args.threads} thread(s), context {args.context}, median of {args.rounds} rounds")
+    print("| q (nodes incl. root) | plain ms | plain x q=1 | packed ms | packed x plain q=1 | plain / packed |")
+    print("|---|---|---|---|---|---|")
+    for q in SIZES:
+        p, k, one = median["plain", q], median["packed", q], median["plain", 1]
+        print(f"| {q} | {p:.1f} | {p / one:.2f} | {k:.1f} | {k / one:.2f} | {p / k:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
