@@ -37,9 +37,11 @@ def predicted(curve: dict[int, float], cost: dict[int, float], draft: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
+                        help="base model linear kernels, as in ctcspec bench (default auto: packed on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model()
+    loaded = load_model(kernels=args.kernels)
     cost = machine_cost_curve(loaded.model)
     draft = drafting_seconds(make_drafter("ctc", model=loaded.model, model_name="smollm2-135m-instruct",
                                           tree_budget=8))

@@ -4,7 +4,8 @@
 
 Prints, per tree size q (root included), the median milliseconds of one verification forward over
 a 256-token context, with the HF model as loaded ("plain") and after `pack_linear_layers`
-("packed"); the same model object, measured interleaved so machine drift hits both alike.
+("packed"); the same model object, measured interleaved so machine drift hits both alike. Then one
+of the model's MLP products (hidden -> intermediate) alone, per row count, plain and packed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from contextlib import nullcontext
 import torch
 from transformers import DynamicCache
 
-from ctcspec.cpu_kernels import pack_linear_layers, plain_linear_layers
+from ctcspec.cpu_kernels import PackedLinear, pack_linear_layers, plain_linear_layers
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
 
 SIZES = (1, 2, 3, 5, 9, 17, 33, 65)
+PRODUCT_ROWS = (1, 2, 4, 8, 16, 32)
 
 
 def main() -> None:
@@ -57,6 +59,30 @@ def main() -> None:
     for q in SIZES:
         p, k, one = median["plain", q], median["packed", q], median["plain", 1]
         print(f"| {q} | {p:.1f} | {p / one:.2f} | {k:.1f} | {k / one:.2f} | {p / k:.2f}x |")
+    product_table(model, args.rounds)
+
+
+def product_table(model: torch.nn.Module, rounds: int, calls: int = 200) -> None:
+    """One linear layer alone (in cache, no model around it): microseconds per call by row count."""
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear) and m.out_features > m.in_features)
+    plain = layer.to_plain()
+    times = {(kind, rows): [] for kind in ("plain", "packed") for rows in PRODUCT_ROWS}
+    for _ in range(rounds):
+        for rows in PRODUCT_ROWS:
+            x = torch.randn(1, rows, layer.in_features)
+            for kind, fn in (("plain", plain), ("packed", layer)):
+                with torch.inference_mode():
+                    fn(x)
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn(x)
+                times[kind, rows].append((time.perf_counter() - start) / calls * 1e6)
+    print(f"\none {layer.out_features}x{layer.in_features} product, us per call (median of {rounds} x {calls})")
+    print("| rows | plain us | packed us |")
+    print("|---|---|---|")
+    for rows in PRODUCT_ROWS:
+        print(f"| {rows} | {statistics.median(times['plain', rows]):.0f} | "
+              f"{statistics.median(times['packed', rows]):.0f} |")
 
 
 if __name__ == "__main__":

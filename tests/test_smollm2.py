@@ -33,15 +33,25 @@ def smollm2():
     return load_model()
 
 
-def test_identical_to_hf_generate_on_smollm2(smollm2):
-    model, tokenizer = smollm2.model, smollm2.tokenizer
-    eos = sorted(eos_ids_of(model))
+@pytest.fixture(scope="module")
+def hf_answers(smollm2):
+    """The oracle: stock HF greedy generate on the model as transformers loads it."""
+    eos = sorted(eos_ids_of(smollm2.model))
+    prompts = [encode_chat(smollm2.tokenizer, [{"role": "user", "content": text}]) for text in PROMPTS]
+    return [(prompt, hf_greedy(smollm2.model, prompt, 96, eos=eos[0])) for prompt in prompts]
+
+
+@pytest.mark.parametrize("kernels", ["plain", "packed"])
+def test_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
+    model = smollm2.model
+    if kernels == "packed":
+        from ctcspec.models import load_model
+
+        model = load_model(kernels="packed").model  # a second copy: the oracle's model stays as loaded
     drafters = [make_drafter(name, model=model, model_name=DEFAULT_MODEL, tree_budget=8)
                 for name in ("vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle")]
     stops = set()
-    for text in PROMPTS:
-        prompt = encode_chat(tokenizer, [{"role": "user", "content": text}])
-        expected = hf_greedy(model, prompt, 96, eos=eos[0])
+    for (prompt, expected), text in zip(hf_answers, PROMPTS, strict=True):
         for drafter in drafters:
             got = SpeculativeEngine(model, drafter).generate(prompt, 96)
             assert got.tokens == expected, f"{drafter.name}: {text}"
