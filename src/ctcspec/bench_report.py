@@ -32,7 +32,8 @@ def markdown_report(report: dict, meta: dict) -> str:
     lines = [f"# ctcspec bench: {meta.get('bench', meta.get('questions'))}", "",
              f"Model `{Path(str(meta.get('model', '?'))).name}`, {meta.get('n_questions')} questions "
              f"({sum(1 for _ in report['turns'].get('vanilla', []))} turns), {meta.get('max_new_tokens')} new tokens, "
-             f"greedy, {meta.get('device')} {meta.get('dtype')}, threads {meta.get('threads')}.", "",
+             f"greedy, {meta.get('device')} {meta.get('dtype')}, threads {meta.get('threads')}, "
+             f"linear kernels {meta.get('kernels', 'plain')} (HF generate: always the stock layers).", "",
              "β: tokens per base-model forward. γ: mean over turns of tokens/s ÷ the reference's tokens/s. "
              "Draft %: share of decoding time spent drafting.", "",
              "| drafter | β | tok/s | γ vs vanilla | (median) | γ vs HF generate | draft % | differ from vanilla |",
