@@ -85,7 +85,7 @@ def test_distill_train_generate_end_to_end(capsys, tmp_path, tiny_model_dir):
                          "--drafter-path", drafter, "--tree-budget", 5, "--max-new-tokens", 16)
     assert code == 0, err
     record = json.loads(out)
-    assert record["drafter"] == "ctc"  # the default when a trained drafter is given
+    assert record["drafter"] == "ctc+lookup"  # the default when a trained CTC drafter is given
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
