@@ -63,16 +63,10 @@ class PackedLinear(nn.Linear):
         return plain
 
 
-def _swap_children(module: nn.Module, convert) -> int:
-    swapped = 0
-    for name, child in module.named_children():
-        replacement = convert(child)
-        if replacement is not None:
-            setattr(module, name, replacement)
-            swapped += 1
-        else:
-            swapped += _swap_children(child, convert)
-    return swapped
+def _slots(model: nn.Module, wanted) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute name, child) for every submodule `wanted` accepts."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if wanted(child)]
 
 
 def pack_linear_layers(model: nn.Module) -> int:
@@ -81,8 +75,10 @@ def pack_linear_layers(model: nn.Module) -> int:
         p = next(model.parameters())
         raise ValueError(f"oneDNN packing needs an fp32 model on the CPU and a torch with oneDNN "
                          f"(model: {p.dtype} on {p.device})")
-    return _swap_children(model, lambda m: PackedLinear.from_linear(m)
-                          if type(m) is nn.Linear else None)
+    slots = _slots(model, lambda m: type(m) is nn.Linear)
+    for parent, name, linear in slots:
+        setattr(parent, name, PackedLinear.from_linear(linear))
+    return len(slots)
 
 
 def pack_draft_module(module: nn.Module) -> None:
@@ -100,27 +96,14 @@ def linear_kernels_of(model: nn.Module) -> str:
 @contextmanager
 def plain_linear_layers(model: nn.Module):
     """Run a block with the model's original linear layers, restoring the packed ones afterwards."""
-    packed: dict[tuple[nn.Module, str], PackedLinear] = {}
-
-    def unpack(module: nn.Module):
-        if isinstance(module, PackedLinear):
-            return module.to_plain()
-        return None
-
-    def remember(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, PackedLinear):
-                packed[(module, name)] = child
-            else:
-                remember(child)
-
-    remember(model)
-    _swap_children(model, unpack)
+    slots = _slots(model, lambda m: isinstance(m, PackedLinear))
+    for parent, name, packed in slots:
+        setattr(parent, name, packed.to_plain())
     try:
         yield model
     finally:
-        for (parent, name), child in packed.items():
-            setattr(parent, name, child)
+        for parent, name, packed in slots:
+            setattr(parent, name, packed)
 
 
 def apply_kernels(model: nn.Module, kernels: str) -> str:
