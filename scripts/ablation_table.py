@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ctcspec.costs import choose_tree_budget, expected_rate, machine_cost_curve
+from ctcspec.cpu_kernels import KERNELS
 from ctcspec.drafters import make_drafter
 from ctcspec.drafters.ctc import drafting_seconds
 from ctcspec.models import load_model
@@ -37,7 +38,7 @@ def predicted(curve: dict[int, float], cost: dict[int, float], draft: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
+    parser.add_argument("--kernels", default="auto", choices=KERNELS,
                         help="base model linear kernels, as in ctcspec bench (default auto: packed on CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,7 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", default="auto", choices=["auto", "packed", "plain"],
+    from ctcspec.cpu_kernels import KERNELS
+
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
                         "auto (default) = packed on CPU in fp32")
