@@ -1,10 +1,32 @@
-"""Shared fixtures: tiny randomly initialised models of several architectures, and the HF oracle."""
+"""Shared fixtures: tiny randomly initialised models of several architectures, and the HF oracle.
+
+The suite never writes to the user's cache: CTCSPEC_HOME points at a fresh temporary directory (for
+this process and the CLI subprocesses it starts). An embedded model the user's cache already holds
+is linked in read-only, so it is not exported again.
+"""
 
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, GenerationConfig, LlamaConfig, Qwen2Config
+
+
+def _private_home() -> Path:
+    user_home = Path(os.environ.get("CTCSPEC_HOME", Path.home() / ".cache" / "ctcspec"))
+    home = Path(tempfile.mkdtemp(prefix="ctcspec-test-home-"))
+    exported = user_home / "models" / "smollm2-135m-instruct"
+    if (exported / "model.safetensors").is_file():
+        (home / "models").mkdir()
+        (home / "models" / exported.name).symlink_to(exported, target_is_directory=True)
+    return home
+
+
+os.environ["CTCSPEC_HOME"] = str(_private_home())
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -6,19 +6,21 @@ import json
 
 import torch
 
-from ctcspec.checkpoint import build_module
-from ctcspec.distill import generate_batch
-from ctcspec.draft_module import DraftConfig
 from ctcspec.drafters.ctc import CTCDrafter
+from ctcspec.drafters.heads import HeadsDrafter
+from ctcspec.modules import build_module
+from ctcspec.modules.ctc import CTCConfig
+from ctcspec.modules.heads import HeadsConfig
+from ctcspec.training.distill import generate_batch
 
 
 def tiny_module(model, seed: int = 0, vocab: int = 64, **options):
     base = model.config
-    config = DraftConfig(hidden_size=base.hidden_size, num_heads=4, intermediate_size=96, draft_vocab_size=vocab,
+    config = CTCConfig(hidden_size=base.hidden_size, num_heads=4, intermediate_size=96, draft_vocab_size=vocab,
                          **options)
     torch.manual_seed(seed)
     vocab_ids = torch.randperm(base.vocab_size)[:vocab].sort().values
-    module = build_module(config, vocab_ids, model).eval()
+    module = build_module("ctc", config, vocab_ids, model).eval()
     with torch.no_grad():  # a wide random init: spread the slot distributions so trees branch
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -43,14 +45,12 @@ def write_distilled(model, path, count: int = 40, prompt_len: int = 6, answer_le
 
 def tiny_heads_module(model, kind: str, seed: int = 0, vocab: int = 64, depth: int = 4):
     """A randomly initialised (wide) Medusa / Hydra / EAGLE-style module for a tiny base model."""
-    from ctcspec.draft_heads import HeadsConfig
-
     base = model.config
     config = HeadsConfig(kind=kind, hidden_size=base.hidden_size, draft_vocab_size=vocab, depth=depth,
                          intermediate_size=96, num_heads=4)
     torch.manual_seed(seed)
     vocab_ids = torch.randperm(base.vocab_size)[:vocab].sort().values
-    module = build_module(config, vocab_ids, model).eval()
+    module = build_module(kind, config, vocab_ids, model).eval()
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -58,6 +58,4 @@ def tiny_heads_module(model, kind: str, seed: int = 0, vocab: int = 64, depth: i
 
 
 def tiny_heads_drafter(model, kind: str, seed: int = 0, tree_budget: int = 8):
-    from ctcspec.drafters.heads import HeadsDrafter
-
     return HeadsDrafter(tiny_heads_module(model, kind, seed), tree_budget=tree_budget)

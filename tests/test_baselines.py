@@ -12,17 +12,18 @@ import torch
 from ctc_helpers import tiny_heads_drafter, tiny_heads_module, tiny_module, write_distilled
 
 from conftest import hf_greedy, tiny_model
-from ctcspec.checkpoint import describe_base, load_drafter_module, save_drafter
-from ctcspec.ctc_transform import build_tree
-from ctcspec.draft_heads import best_first_nodes
+from ctcspec.budget import choose_tree_budget
 from ctcspec.drafters import make_drafter
 from ctcspec.drafters.base import DraftRequest
-from ctcspec.drafters.heads import search_nodes
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
-from ctcspec.train import TrainConfig, acceptance_curve, base_hidden, train
+from ctcspec.modules.files import describe_base, load_drafter_module, save_drafter
+from ctcspec.search import best_first_nodes, build_tree, module_nodes
+from ctcspec.training.data import base_hidden
+from ctcspec.training.evaluate import acceptance_curve
+from ctcspec.training.train import TrainConfig, train
 
-KINDS = ("medusa", "hydra", "eagle")
+HEAD_KINDS = ("medusa", "hydra", "eagle")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_best_first_search_returns_the_best_nodes_in_order():
         path = state if cls is None else state + (cls,)
         return path, log_probs(path)
 
-    nodes = best_first_nodes((), expand, max_nodes=30, max_depth=depth, top_k=classes, other_id=other)
+    nodes = best_first_nodes((), expand, tree_budget=30, max_depth=depth, top_k=classes, other_id=other)
     score = {}
     for d in range(1, depth + 1):
         for path in itertools.product(range(classes), repeat=d):
@@ -56,7 +57,7 @@ def test_best_first_search_returns_the_best_nodes_in_order():
     assert other not in {c for n in nodes for c in n}
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_step_by_step_drafting_matches_the_offline_search(llama, kind):
     """The drafter, fed accepted positions in chunks, proposes exactly the trees the training-time
     acceptance curve scores (for EAGLE this checks the context cache against a full causal pass)."""
@@ -70,10 +71,10 @@ def test_step_by_step_drafting_matches_the_offline_search(llama, kind):
     drafter.reset()
     seen = -1
     for anchor, context in zip(anchors, offline, strict=True):
-        request = DraftRequest(tokens[0, :anchor + 2], 6, hidden[0, seen + 1:anchor + 1])
+        request = DraftRequest(tokens[0, :anchor + 2], 6, new_hidden=hidden[0, seen + 1:anchor + 1])
         seen = anchor
         tree = drafter.propose(request)
-        expected = build_tree(search_nodes(module, context, drafter.tree_budget, 6), drafter.tree_budget,
+        expected = build_tree(module_nodes(module, context, drafter.tree_budget, 6), drafter.tree_budget,
                               module.vocab_ids.tolist())
         assert tree == expected and len(tree) == drafter.tree_budget
 
@@ -85,7 +86,7 @@ def _config(**overrides):
     return TrainConfig(**{**options, **overrides})
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 def test_training_learns_and_the_drafter_stays_lossless(llama, tmp_path, kind):
     data = write_distilled(llama, tmp_path / "data")
     samples = [json.loads(line) for line in (data / "samples.jsonl").read_text().splitlines()]
@@ -96,7 +97,9 @@ def test_training_learns_and_the_drafter_stays_lossless(llama, tmp_path, kind):
     assert summary["acceptance_curve"]["search"][8] > untrained[8]
     config = json.loads((tmp_path / kind / "config.json").read_text())
     assert config["kind"] == kind and config["parameters"] > 0
-    drafter = make_drafter(kind, model=llama, baseline_paths={kind: tmp_path / kind})  # budget from its curve
+    drafter = make_drafter(kind, model=llama, drafter_dir=tmp_path / kind)
+    drafter.tree_budget = choose_tree_budget(drafter, llama)  # from its curve and this machine's costs
+    assert drafter.tree_budget in summary["acceptance_curve"]["search"]
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)
 
@@ -105,12 +108,12 @@ def test_a_checkpoint_of_another_kind_is_refused(llama, tmp_path):
     save_drafter(tmp_path / "ctc", tiny_module(llama), describe_base(llama))
     save_drafter(tmp_path / "medusa", tiny_heads_module(llama, "medusa"), describe_base(llama))
     with pytest.raises(CtcspecError, match="is a ctc drafter, not medusa"):
-        make_drafter("medusa", model=llama, baseline_paths={"medusa": tmp_path / "ctc"})
+        make_drafter("medusa", model=llama, drafter_dir=tmp_path / "ctc")
     with pytest.raises(CtcspecError, match="is a medusa drafter, not ctc"):
-        make_drafter("ctc", model=llama, drafter_path=tmp_path / "medusa")
+        make_drafter("ctc", model=llama, drafter_dir=tmp_path / "medusa")
     with pytest.raises(CtcspecError, match="trained for another base model"):
         load_drafter_module(tmp_path / "medusa", tiny_model("qwen2"))
-    with pytest.raises(CtcspecError, match="none ships"):
+    with pytest.raises(CtcspecError, match="trained hydra drafter"):
         make_drafter("hydra", model=llama)
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from ctcspec.bench import SystemRuns, TurnRecord, per_category, summarize
+from ctcspec.bench.run import SystemRuns, TurnRecord
+from ctcspec.bench.summary import per_category, summarize
 
 
 class FakeTokenizer:

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, BertConfig, BertModel
 
 from conftest import hf_greedy
-from ctcspec.cli import main
+from ctcspec.cli import COMMANDS, build_parser, main
 from ctcspec.errors import CtcspecError
 
 
@@ -71,7 +71,7 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
 
 
 def test_named_benchmarks_resolve_under_the_data_dir(tmp_path):
-    from ctcspec.prompts import resolve_bench
+    from ctcspec.bench.questions import resolve_bench
 
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "a"}\n')
@@ -91,11 +91,11 @@ def test_report_of_a_file_that_is_not_a_report(capsys, tmp_path):
 
 
 def test_help_for_every_command(capsys):
-    for command in ([], ["generate"], ["bench"], ["report"]):
-        with pytest.raises(SystemExit) as exc:
-            main([*command, "--help"])
-        assert exc.value.code == 0
-        assert "usage" in capsys.readouterr().out
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert set(subcommands) == set(COMMANDS)  # every subcommand has a handler and vice versa
+    for command in ([], *([name] for name in subcommands)):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and out.startswith("usage: ctcspec"), command
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -103,7 +103,7 @@ def test_help_for_every_command(capsys):
     (["generate", "--prompt", "   "], "prompt is empty"),
     (["generate", "--prompt", "hi", "--drafter", "nope"], "unknown drafter 'nope'"),
     (["bench", "--drafters", "vanilla,nope"], "unknown drafter 'nope'"),
-    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+    (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "prompt file '/nonexistent/prompt.txt' does not exist"),
     (["bench", "--questions", "/nonexistent/q.jsonl"], "does not exist"),
 ])
 def test_user_errors_exit_2_with_a_message(capsys, argv, message):

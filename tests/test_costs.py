@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctcspec.costs import choose_tree_budget, interpolate_cost
+from ctcspec.budget import BudgetPlan, interpolate_cost
 
 
 def test_interpolation_between_and_beyond_measured_sizes():
@@ -16,9 +16,14 @@ def test_interpolation_between_and_beyond_measured_sizes():
 
 def test_budget_maximises_tokens_per_unit_time():
     acceptance = {1: 0.5, 4: 1.2, 8: 1.5, 16: 1.7}
+    free = dict.fromkeys(acceptance, 0.0)
     flat = {1: 1.0, 64: 1.0}  # verification free: the largest tree wins
-    assert choose_tree_budget(acceptance, flat) == 16
+    assert BudgetPlan(acceptance, flat, free).best() == 16
     steep = {1: 1.0, 2: 1.5, 5: 1.6, 9: 2.6, 17: 5.0}
-    assert choose_tree_budget(acceptance, steep) == 4  # (1+1.2)/1.6 beats 1.5/1.5, 2.5/2.6, 2.7/5.0
+    assert BudgetPlan(acceptance, steep, free).best() == 4  # (1+1.2)/1.6 beats 1.5/1.5, 2.5/2.6, 2.7/5.0
     # a large drafting cost flattens the differences between budgets towards more accepted tokens
-    assert choose_tree_budget(acceptance, {1: 1.0, 2: 1.2, 5: 1.5, 9: 1.8, 17: 2.4}, draft_cost=100.0) == 16
+    moderate = {1: 1.0, 2: 1.2, 5: 1.5, 9: 1.8, 17: 2.4}
+    assert BudgetPlan(acceptance, moderate, free).best() == 4
+    assert BudgetPlan(acceptance, moderate, dict.fromkeys(acceptance, 100.0)).best() == 16
+    # a drafter whose cost grows with the budget (sequential search) is pushed towards small trees
+    assert BudgetPlan(acceptance, flat, {1: 0.0, 4: 0.1, 8: 5.0, 16: 10.0}).best() == 4

@@ -8,8 +8,7 @@ from ctc_helpers import tiny_heads_drafter, tiny_module
 from test_equivalence import drafters_for, prompts
 
 from conftest import ARCHS, hf_greedy, tiny_model
-from ctcspec.bench import hf_generate
-from ctcspec.checkpoint import describe_base, load_drafter_module, save_drafter
+from ctcspec.bench.run import hf_generate
 from ctcspec.cpu_kernels import (
     PackedLinear,
     apply_kernels,
@@ -23,6 +22,7 @@ from ctcspec.drafters.ctc import CTCDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.models import load_model
+from ctcspec.modules.files import describe_base, load_drafter_module, save_drafter
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.nn.Linear(2, 2)), reason="torch built without oneDNN")
 

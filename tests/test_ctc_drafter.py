@@ -10,12 +10,15 @@ import torch
 from ctc_helpers import tiny_ctc_drafter, tiny_module, write_distilled
 
 from conftest import hf_greedy, tiny_model
-from ctcspec.checkpoint import load_drafter_module, save_drafter
-from ctcspec.drafters import make_drafter
+from ctcspec.budget import AdaptiveBudget, BudgetPlan
+from ctcspec.drafters import VanillaDrafter, make_drafter
 from ctcspec.drafters.base import DraftRequest
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
-from ctcspec.train import TrainConfig, acceptance_curve, draft_targets, train
+from ctcspec.modules.files import load_drafter_module, save_drafter
+from ctcspec.training.data import draft_targets
+from ctcspec.training.evaluate import acceptance_curve
+from ctcspec.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +127,12 @@ def test_broken_drafter_directories_are_clear_errors(llama, tmp_path):
     (tmp_path / "d" / "config.json").write_text("{not json")
     with pytest.raises(CtcspecError, match="not valid JSON"):
         load_drafter_module(tmp_path / "d", llama)
-    with pytest.raises(CtcspecError, match="drafter-path"):
+    with pytest.raises(CtcspecError, match="trained ctc drafter"):
         make_drafter("ctc", model=llama)  # nothing ships for a tiny model
 
 
 def _base(model):
-    from ctcspec.checkpoint import describe_base
+    from ctcspec.modules.files import describe_base
 
     return describe_base(model)
 
@@ -148,7 +151,9 @@ def test_training_learns_and_saves_a_loadable_drafter(llama, tmp_path):
     summary = train(llama, [data], tmp_path / "drafter", _config(steps=60, lr=3e-3), progress=False)
     assert summary["steps"] == 60 and summary["heldout_samples"] == 5
     assert summary["acceptance_curve"]["beam"][8] > untrained[8]
-    drafter = make_drafter("ctc", model=llama, drafter_path=tmp_path / "drafter", tree_budget=6)
+    drafter = make_drafter("ctc", model=llama, drafter_dir=tmp_path / "drafter")
+    assert drafter.acceptance_curve == summary["acceptance_curve"]["beam"]
+    drafter.tree_budget = 6
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)
 
@@ -157,7 +162,7 @@ def test_resumed_training_equals_an_uninterrupted_run(llama, tmp_path, monkeypat
     data = write_distilled(llama, tmp_path / "data")
     train(llama, [data], tmp_path / "straight", _config(), progress=False)
 
-    import ctcspec.train as train_module
+    import ctcspec.training.train as train_module
 
     real_save = train_module._save_checkpoint
 
@@ -180,24 +185,20 @@ def test_resumed_training_equals_an_uninterrupted_run(llama, tmp_path, monkeypat
 
 
 def test_adaptive_budget_follows_the_observed_acceptance():
-    from ctcspec.costs import choose_tree_budget
-    from ctcspec.drafters.ctc import AdaptiveBudget
-
     acceptance, cost = {1: 0.6, 4: 1.2, 8: 1.5, 16: 1.7}, {1: 1.0, 2: 1.6, 5: 1.7, 9: 2.0, 17: 2.2}
-    policy = AdaptiveBudget(acceptance, cost, 0.1)
-    assert policy.choose(0.0, 0.0) == choose_tree_budget(acceptance, cost, 0.1) == 4  # the prior alone
+    plan = BudgetPlan(acceptance, cost, dict.fromkeys(acceptance, 0.1))
+    policy = AdaptiveBudget(VanillaDrafter(), plan)
+    assert policy.choose(0.0, 0.0) == plan.best() == 4  # the prior alone
     assert policy.choose(60.0, 20.0) == 16      # drafts accepted 3x as often as expected: a bigger tree pays
     assert policy.choose(1.0, 30.0) == 0        # drafts rejected: plain decoding is faster
 
 
 def test_adaptive_drafter_stops_drafting_when_nothing_is_accepted(llama):
-    from ctcspec.drafters.ctc import AdaptiveBudget
-
     prompt = list(range(3, 40))
     expected = hf_greedy(llama, prompt, 60)
-    policy = AdaptiveBudget({4: 1.2, 8: 1.5}, {1: 1.0, 5: 1.6, 9: 1.8}, 0.1)
+    plan = BudgetPlan({4: 1.2, 8: 1.5}, {1: 1.0, 5: 1.6, 9: 1.8}, {4: 0.1, 8: 0.1})
     fixed = SpeculativeEngine(llama, tiny_ctc_drafter(llama, tree_budget=8)).generate(prompt, 60)
-    drafter = tiny_ctc_drafter(llama, tree_budget=8, adaptive=policy)
+    drafter = AdaptiveBudget(tiny_ctc_drafter(llama, tree_budget=8), plan)
     adaptive = SpeculativeEngine(llama, drafter).generate(prompt, 60)
     assert fixed.tokens == adaptive.tokens == expected
     assert adaptive.stats.drafted_nodes < fixed.stats.drafted_nodes / 2  # a random module's drafts never pay

@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from ctcspec.ctc_transform import (
+from ctcspec.search import (
     accepted_by_budget,
     build_tree,
     collapse,
@@ -114,11 +114,11 @@ def test_transform_off_reads_slot_i_as_depth_i_without_blanks():
     gen = torch.Generator().manual_seed(5)
     log_probs = torch.randn(3, 5, generator=gen).log_softmax(-1)  # classes 0..2 tokens, 3 other, 4 blank
     log_probs[0, 4] = 5.0  # the blank is slot 0's favourite: ignored
-    nodes = slotwise_nodes(log_probs, blank=4, other=3, max_nodes=12)
+    nodes = slotwise_nodes(log_probs, blank=4, other=3, tree_budget=12)
     score = {p: sum(float(log_probs[i, c]) for i, c in enumerate(p))
              for d in (1, 2, 3) for p in itertools.product(range(3), repeat=d)}
     assert nodes == sorted(score, key=lambda p: -score[p])[:12]
-    assert transform_nodes(log_probs, "none", 6, 16, 4, 3, max_nodes=5, max_depth=1) == nodes_at_depth_one(score)
+    assert transform_nodes(log_probs, "none", 6, 16, 4, 3, tree_budget=5, max_depth=1) == nodes_at_depth_one(score)
 
 
 def nodes_at_depth_one(score):

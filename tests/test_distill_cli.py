@@ -7,10 +7,10 @@ import json
 import pytest
 
 from conftest import hf_greedy
+from ctcspec.bench.questions import Question, select_questions
 from ctcspec.cli import main
-from ctcspec.distill import read_prompt_file, read_samples, templated_prompts
 from ctcspec.errors import CtcspecError
-from ctcspec.prompts import Question, select_questions
+from ctcspec.training.distill import read_prompt_file, read_samples, templated_prompts
 
 
 def run(capsys, *argv):
@@ -29,7 +29,7 @@ def test_prompt_files_of_every_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
     with pytest.raises(CtcspecError, match="line 1"):
         read_prompt_file(tmp_path / "bad.jsonl")
-    with pytest.raises(CtcspecError, match="cannot read"):
+    with pytest.raises(CtcspecError, match="does not exist"):
         read_prompt_file(tmp_path / "missing.txt")
 
 

@@ -5,8 +5,8 @@ from ctcspec.drafters.base import DraftRequest
 from ctcspec.tree import TokenTree
 
 
-def request(tokens):
-    return DraftRequest(torch.tensor(tokens), max_depth=100)
+def request(tokens, accepted=0):
+    return DraftRequest(torch.tensor(tokens), max_depth=100, accepted=accepted)
 
 
 def test_copies_what_followed_the_last_ngram():
@@ -29,7 +29,7 @@ def test_no_match_no_draft():
 
 
 def test_respects_depth_and_node_budgets():
-    drafter = LookupDrafter(min_ngram=1, draft_len=8, max_nodes=3)
+    drafter = LookupDrafter(min_ngram=1, draft_len=8, tree_budget=3)
     tree = drafter.propose(DraftRequest(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 1]), max_depth=2))
     assert len(tree) == 2 and max(tree.depths()) == 2
 
@@ -52,8 +52,8 @@ def test_stops_drafting_after_repeated_rejections_and_resets_per_generation():
 def test_keeps_drafting_while_drafts_are_accepted():
     drafter = LookupDrafter(max_ngram=2, min_ngram=2, draft_len=2)
     tokens = [1, 2, 3, 4, 1, 2]
-    for _ in range(10):
-        tree = drafter.propose(request(tokens))
+    for step in range(10):
+        tree = drafter.propose(request(tokens, accepted=2 if step else 0))
         assert tree.paths()[-1] == (3, 4)
         tokens = tokens + [3, 4, 1, 2]  # accepted both, then the bonus and one more step's worth
     assert drafter.expected_accept(2) > 1.5

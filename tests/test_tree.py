@@ -23,8 +23,8 @@ def test_deduplicated_merges_duplicate_siblings_and_their_subtrees():
 def test_truncated_respects_node_and_depth_budgets():
     tree = TokenTree.from_sequences([[1, 2, 3, 4], [1, 5], [6, 7]])
     assert tree.truncated(max_depth=2).paths() == [(1,), (1, 2), (1, 5), (6,), (6, 7)]
-    assert len(tree.truncated(max_nodes=3)) == 3
-    assert tree.truncated(max_nodes=0) == TokenTree()
+    assert len(tree.truncated(tree_budget=3)) == 3
+    assert tree.truncated(tree_budget=0) == TokenTree()
 
 
 def test_invalid_parent_order_is_rejected():

@@ -1,21 +1,55 @@
-"""The `ctcspec` command line: generate and bench."""
+"""The `ctcspec` command line: generate, bench, report, distill, train.
+
+Every user error (a bad flag value, an unreadable or malformed file, a model or drafter that cannot be
+used) ends in one line on stderr and exit code 2; library code raises `CtcspecError` and never prints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from ctcspec import __version__
-from ctcspec.draft_heads import HEAD_KINDS
-from ctcspec.errors import CtcspecError
-from ctcspec.models import DEFAULT_MODEL
-from ctcspec.prompts import require_prompt
-from ctcspec.train import TrainConfig
+import torch
 
-TRAINABLE = ("ctc", *HEAD_KINDS)
+from ctcspec import __version__
+from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
+from ctcspec.bench.report import write_outputs
+from ctcspec.bench.run import run_bench
+from ctcspec.bench.summary import format_category_table, format_table, read_report
+from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget
+from ctcspec.cpu_kernels import KERNELS, linear_kernels_of
+from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.errors import CtcspecError, read_text_file
+from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
+from ctcspec.modules import KINDS
+from ctcspec.modules.files import drafter_kind, shipped_drafter_dir
+from ctcspec.prompts import encode, require_prompt
+from ctcspec.search import TRANSFORMS
+from ctcspec.training.distill import distill, read_prompt_file, self_instruct, templated_prompts
+from ctcspec.training.train import TrainConfig, summary_json, train
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2) like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,38 +57,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"local Hugging Face model directory, or {DEFAULT_MODEL!r} (default)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 (default; fastest on CPU), bfloat16, float16")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 gives the steadiest timings)")
 
 
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
-    from ctcspec.cpu_kernels import KERNELS
-
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
                         "auto (default) = packed on CPU in fp32")
 
 
-def _add_ctc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter-path", type=Path, default=None,
-                   help="trained drafter directory (default: the one shipped for the embedded default model)")
-    for kind in ("medusa", "hydra", "eagle"):
-        p.add_argument(f"--{kind}-path", type=Path, default=None,
-                       help=f"trained {kind} drafter directory (default: the one shipped for the default model)")
-    p.add_argument("--tree-budget", type=int, default=None,
+def _add_drafter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter-path", type=Path, action="append", default=[],
+                   help="a trained drafter directory; its kind (ctc, medusa, hydra, eagle) is read from its "
+                        "config.json. Repeat for several kinds (default: the drafters shipped for the embedded "
+                        "default model)")
+    p.add_argument("--tree-budget", type=positive_int, default=None,
                    help="draft tree nodes per step for the trained drafters (default: each drafter's choice from "
                         "its acceptance curve and this machine's verification cost curve)")
-    p.add_argument("--transform", default="beam", choices=["beam", "topk", "none"],
+    p.add_argument("--transform", default="beam", choices=TRANSFORMS,
                    help="CTC transform: prefix beam search (default), the paper's per-slot top-k paths, or none "
                         "(ablation: slot i read as depth i, a plain per-slot top-k tree)")
     p.add_argument("--adaptive-budget", action="store_true",
-                   help="re-choose the CTC tree budget during each generation from the acceptance observed, "
-                        "drafting nothing while plain decoding would be faster")
+                   help="re-choose the trained drafters' tree budget during each generation from the acceptance "
+                        "observed, drafting nothing while plain decoding would be faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
+    parser = _Parser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"ctcspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_kernel_args(gen)
     gen.add_argument("--drafter", default=None,
-                     help="vanilla | lookup | ctc | ctc+lookup | medusa | hydra | eagle "
-                          "(default: ctc+lookup when a CTC drafter is given or ships for the model, the fastest "
-                          "on both benchmarks here; else lookup)")
-    _add_ctc_args(gen)
+                     help=f"{' | '.join(DRAFTERS)} (default: ctc+lookup when a CTC drafter is given or ships for "
+                          "the model, the fastest on both benchmarks here; else the kind of --drafter-path; else "
+                          "lookup)")
+    _add_drafter_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     bench = sub.add_parser("bench", help="benchmark drafters side by side against vanilla and HF generate",
@@ -85,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", default=None,
                        help="where the named benchmarks live (default: $CTCSPEC_DATA, else ../shared/data)")
     bench.add_argument("--drafters", default=None,
-                       help="comma-separated, from: vanilla, lookup, medusa, hydra, eagle, ctc, ctc+lookup "
-                            "(default: vanilla, lookup and every trained drafter available for the model)")
-    bench.add_argument("--limit", type=int, default=None, help="use only the first N questions")
-    bench.add_argument("--per-category", type=int, default=None,
+                       help=f"comma-separated, from: {', '.join(DRAFTERS)} (default: vanilla, lookup, every "
+                            "trained drafter available for the model, and ctc+lookup when a CTC drafter is)")
+    bench.add_argument("--limit", type=positive_int, default=None, help="use only the first N questions")
+    bench.add_argument("--per-category", type=positive_int, default=None,
                        help="use only the first N questions of each category (applied before --limit)")
-    _add_ctc_args(bench)
-    bench.add_argument("--max-new-tokens", type=int, default=256)
+    _add_drafter_args(bench)
+    bench.add_argument("--max-new-tokens", type=positive_int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"),
                        help="output directory: report.md, report.json, plot.png, answers/<drafter>.jsonl "
@@ -136,23 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
-    import torch
+def check_device(name: str) -> str:
+    """The --device value, if torch knows it and this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CtcspecError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise CtcspecError(f"--device {name}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CtcspecError("--device mps: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CtcspecError(f"--device {name}: only cpu, cuda and mps are supported")
+    return name
 
-    from ctcspec.models import load_model
 
+def _load(args) -> LoadedModel:
+    check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_model(args.model, device=args.device, dtype=args.dtype, kernels=getattr(args, "kernels", "plain"))
 
 
 def _read_prompt(args) -> str:
-    if args.prompt is not None:
-        return args.prompt
-    try:
-        return args.prompt_file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CtcspecError(f"cannot read prompt file {str(args.prompt_file)!r}: {exc.strerror}") from None
+    return args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
 
 
 class _Streamer:
@@ -171,77 +211,95 @@ class _Streamer:
         self.printed = len(text)
 
 
-def _check_ctc_args(args) -> None:
-    if args.tree_budget is not None and args.tree_budget < 1:
-        raise CtcspecError("--tree-budget must be at least 1")
-    for option in ("drafter_path", "medusa_path", "hydra_path", "eagle_path"):
-        path = getattr(args, option)
-        if path is not None and not path.is_dir():
-            raise CtcspecError(f"--{option.replace('_', '-')}: drafter directory {str(path)!r} does not exist")
+def drafter_dirs(args) -> dict[str, Path]:
+    """Trained drafter directories by kind: each --drafter-path (its kind read from its config.json), then
+    the drafters shipped for the embedded default model for the kinds not given."""
+    dirs: dict[str, Path] = {}
+    for path in args.drafter_path:
+        kind = drafter_kind(path)
+        if kind in dirs:
+            raise CtcspecError(f"--drafter-path: two {kind} drafters given ({dirs[kind]} and {path})")
+        dirs[kind] = path
+    for kind in KINDS:
+        shipped = shipped_drafter_dir(args.model, kind) if args.model == DEFAULT_MODEL else None
+        if kind not in dirs and shipped is not None:
+            dirs[kind] = shipped
+    return dirs
 
 
-def _make(name: str, args, loaded):
-    from ctcspec.drafters import make_drafter
+def build_drafter(name: str, args, model, dirs: dict[str, Path]) -> Drafter:
+    """The named drafter with its tree budget settled: --tree-budget, else chosen for this machine (the
+    budget step), and wrapped in an adaptive budget with --adaptive-budget."""
+    kind = MODULE_KIND.get(name)
+    if kind is not None and kind not in dirs:
+        raise CtcspecError(f"the {name} drafter needs a trained {kind} drafter: pass --drafter-path DIR "
+                           f"(train one with ctcspec distill + ctcspec train --kind {kind})")
+    drafter = make_drafter(name, model, dirs.get(kind), transform=args.transform)
+    if kind is None:
+        return drafter
+    if args.tree_budget is not None:
+        drafter.tree_budget = args.tree_budget
+    else:
+        drafter.tree_budget = choose_tree_budget(drafter, model)
+    if args.adaptive_budget:
+        plan = budget_plan(drafter, model)
+        if plan is None:
+            raise CtcspecError(f"--adaptive-budget needs a {name} drafter whose config.json holds acceptance curves")
+        drafter = AdaptiveBudget(drafter, plan)
+    return drafter
 
-    return make_drafter(name, model=loaded.model, model_name=args.model, drafter_path=args.drafter_path,
-                        tree_budget=args.tree_budget, transform=args.transform, adaptive=args.adaptive_budget,
-                        baseline_paths={k: getattr(args, f"{k}_path") for k in ("medusa", "hydra", "eagle")})
+
+def default_drafter(args, dirs: dict[str, Path]) -> str:
+    """generate's default: ctc+lookup with a CTC drafter (the fastest on both benchmarks here, README
+    Results), else the kind of the first --drafter-path, else lookup."""
+    if "ctc" in dirs:
+        return "ctc+lookup"
+    return drafter_kind(args.drafter_path[0]) if args.drafter_path else "lookup"
 
 
 def cmd_generate(args) -> int:
-    from ctcspec.checkpoint import default_drafter_dir
-    from ctcspec.drafters import check_drafter_name
-    from ctcspec.engine import SpeculativeEngine
-    from ctcspec.prompts import encode
-
     text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
-    if args.max_new_tokens < 1:
-        raise CtcspecError("--max-new-tokens must be at least 1")
-    _check_ctc_args(args)
-    if args.drafter is None:  # the fastest here on MT-bench and GSM8K (README Results), else the untrained one
-        args.drafter = "ctc+lookup" if args.drafter_path or default_drafter_dir(args.model) else "lookup"
-    check_drafter_name(args.drafter)
+    dirs = drafter_dirs(args)
+    name = check_drafter_name(args.drafter or default_drafter(args, dirs))
     loaded = _load(args)
-    drafter = _make(args.drafter, args, loaded)
+    drafter = build_drafter(name, args, loaded.model, dirs)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
     engine = SpeculativeEngine(loaded.model, drafter)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
     result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer)
     stats = result.stats
     if args.json:
-        print(json.dumps({"prompt": text, "model": str(loaded.path), "drafter": args.drafter,
+        print(json.dumps({"prompt": text, "model": str(loaded.path), "drafter": name,
+                          "settings": drafter.settings(),
                           "output": loaded.tokenizer.decode(result.tokens, skip_special_tokens=True),
                           "output_ids": result.tokens, "stats": stats.to_dict()}))
     else:
         print(file=sys.stdout)
-        print(f"[{args.drafter}] {stats.new_tokens} tokens in {stats.steps} steps (beta {stats.beta:.2f}), "
+        print(f"[{name}] {stats.new_tokens} tokens in {stats.steps} steps (beta {stats.beta:.2f}), "
               f"{stats.tokens_per_s:.1f} tok/s; time: draft {stats.draft_s:.2f}s, verify {stats.verify_s:.2f}s, "
               f"bookkeeping {stats.bookkeeping_s:.2f}s, prefill {stats.prefill_s:.2f}s; stop: {stats.stop_reason}",
               file=sys.stderr)
     return 0
 
 
-def cmd_bench(args) -> int:
-    from ctcspec.bench import format_category_table, format_table, run_bench
-    from ctcspec.bench_report import write_outputs
-    from ctcspec.checkpoint import default_drafter_dir
-    from ctcspec.cpu_kernels import linear_kernels_of
-    from ctcspec.drafters import check_drafter_name
-    from ctcspec.prompts import load_questions, resolve_bench, select_questions
-
+def bench_drafter_names(args, dirs: dict[str, Path]) -> list[str]:
+    """--drafters, checked, with vanilla first (the reference every speedup is measured against); by default
+    vanilla, lookup, every trained drafter available and ctc+lookup when a CTC drafter is."""
     if args.drafters is None:
-        args.drafters = ",".join(["vanilla", "lookup", *(
-            k for k in ("medusa", "hydra", "eagle", "ctc")
-            if getattr(args, "drafter_path" if k == "ctc" else f"{k}_path") or default_drafter_dir(args.model, k))])
-    names = [check_drafter_name(d.strip()) for d in args.drafters.split(",") if d.strip()]  # before loading
-    if "vanilla" not in names:
-        names.insert(0, "vanilla")  # the reference every speedup is measured against
-    _check_ctc_args(args)
+        names = ["vanilla", "lookup", *(k for k in KINDS if k in dirs), *(["ctc+lookup"] if "ctc" in dirs else [])]
+    else:
+        names = [check_drafter_name(d.strip()) for d in args.drafters.split(",") if d.strip()]
+    return names if "vanilla" in names else ["vanilla", *names]
+
+
+def cmd_bench(args) -> int:
+    dirs = drafter_dirs(args)
+    names = bench_drafter_names(args, dirs)  # before loading anything
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     loaded = _load(args)
-    drafters = {name: _make(name, args, loaded) for name in names}
+    drafters = {name: build_drafter(name, args, loaded.model, dirs) for name in names}
     report = run_bench(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
                        include_hf=not args.no_hf)
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
@@ -249,7 +307,7 @@ def cmd_bench(args) -> int:
             "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
             "dtype": args.dtype, "kernels": linear_kernels_of(loaded.model), "cpu_count": os.cpu_count(),
             "per_category": args.per_category,
-            "drafter_settings": {n: _settings(d) for n, d in drafters.items()}}
+            "drafter_settings": {n: d.settings() for n, d in drafters.items()}}
     paths = write_outputs(report, meta, args.out)
     print(format_table(report))
     print()
@@ -258,18 +316,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _settings(drafter) -> dict:
-    keys = ("tree_budget", "transform", "top_k", "beam_width", "max_nodes", "draft_len")
-    settings = {k: getattr(drafter, k) for k in keys if hasattr(drafter, k)}
-    ctc = getattr(drafter, "ctc", drafter)
-    if hasattr(ctc, "adaptive"):
-        settings["adaptive_budget"] = ctc.adaptive is not None
-    return settings
-
-
 def cmd_distill(args) -> int:
-    from ctcspec.distill import distill, read_prompt_file, self_instruct, templated_prompts
-
     if not args.prompts and args.self_instruct <= 0 and not args.templated:
         raise CtcspecError("give --prompts FILE [FILE ...], --templated and/or --self-instruct N")
     prompts = []
@@ -288,13 +335,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dataclasses import fields
-
-    from ctcspec.train import summary_json, train
-
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    if config.kind not in TRAINABLE:
-        raise CtcspecError(f"unknown --kind {config.kind!r}; choose from: {', '.join(TRAINABLE)}")
+    if config.kind not in KINDS:
+        raise CtcspecError(f"unknown --kind {config.kind!r}; choose from: {', '.join(KINDS)}")
     if args.out.exists() and not args.resume and (args.out / "checkpoint.pt").exists():
         raise CtcspecError(f"{str(args.out)!r} already holds a training checkpoint: pass --resume to continue it, "
                            "or choose a new --out")
@@ -306,8 +349,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ctcspec.bench import format_category_table, format_table, read_report
-
     try:
         report = read_report(args.path)
         meta = report["meta"]
@@ -324,12 +365,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
+            "report": cmd_report}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code (2 for every user error, usage errors included)."""
     try:
-        commands = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
-                    "report": cmd_report}
-        return commands[args.command](args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="ctcspec: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
     except CtcspecError as exc:
         print(f"ctcspec: error: {exc}", file=sys.stderr)
         return 2

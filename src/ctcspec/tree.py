@@ -33,9 +33,9 @@ class TokenTree:
         return cls(tuple(int(t) for t in tokens), tuple(range(-1, len(tokens) - 1)))
 
     @classmethod
-    def from_sequences(cls, sequences: Iterable[Sequence[int]], max_nodes: int | None = None,
+    def from_sequences(cls, sequences: Iterable[Sequence[int]], tree_budget: int | None = None,
                        max_depth: int | None = None) -> TokenTree:
-        """Merge candidate continuations into a trie; earlier sequences win the node budget."""
+        """Merge candidate continuations into a trie of at most `tree_budget` nodes; earlier sequences win."""
         children: dict[tuple[int, int], int] = {}
         tokens: list[int] = []
         parents: list[int] = []
@@ -47,7 +47,7 @@ class TokenTree:
                 key = (parent, int(token))
                 node = children.get(key)
                 if node is None:
-                    if max_nodes is not None and len(tokens) >= max_nodes:
+                    if tree_budget is not None and len(tokens) >= tree_budget:
                         break
                     node = len(tokens)
                     children[key] = node
@@ -74,9 +74,20 @@ class TokenTree:
         """Merge siblings that carry the same token (and so their subtrees): each distinct prefix once."""
         return TokenTree.from_sequences(self.paths())
 
-    def truncated(self, max_nodes: int | None = None, max_depth: int | None = None) -> TokenTree:
-        """Keep the first `max_nodes` nodes no deeper than `max_depth` (descendants of dropped nodes go too)."""
-        return TokenTree.from_sequences(self.paths(), max_nodes=max_nodes, max_depth=max_depth)
+    def truncated(self, tree_budget: int | None = None, max_depth: int | None = None) -> TokenTree:
+        """Keep the first `tree_budget` nodes no deeper than `max_depth` (descendants of dropped nodes go too)."""
+        return TokenTree.from_sequences(self.paths(), tree_budget=tree_budget, max_depth=max_depth)
+
+    def matched_depth(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` form a path down from the root."""
+        children = {(parent, token): i for i, (token, parent) in enumerate(zip(self.tokens, self.parents, strict=True))}
+        node, depth = ROOT, 0
+        for token in tokens:
+            node = children.get((node, int(token)))
+            if node is None:
+                break
+            depth += 1
+        return depth
 
     def is_chain(self) -> bool:
         return all(parent == i - 1 for i, parent in enumerate(self.parents))

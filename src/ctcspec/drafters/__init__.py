@@ -1,15 +1,30 @@
-"""Drafters, one file each, all behind `Drafter` (base.py)."""
+"""Drafters (proposers), one file each, all behind `Drafter` (base.py); the draft networks the trained
+ones run live in ctcspec/modules/.
+
+`DRAFTERS` is the one list of drafter names. A trained drafter is named after the kind of module it
+runs (ctc, medusa, hydra, eagle); `ctc+lookup` runs a CTC module beside prompt lookup.
+"""
 
 from __future__ import annotations
 
-from ctcspec.draft_heads import HEAD_KINDS
+from pathlib import Path
+
+import torch
+
 from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.drafters.ctc import CTCDrafter
+from ctcspec.drafters.heads import HeadsDrafter
+from ctcspec.drafters.hybrid import CTCLookupDrafter
 from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
+from ctcspec.modules import KINDS
+from ctcspec.modules.files import load_drafter_module
 
-DRAFTERS = ("vanilla", "lookup", "ctc", "ctc+lookup", "medusa", "hydra", "eagle")
-BASELINES = HEAD_KINDS  # trained baselines (drafters/heads.py runs them)
+TRAINED_DRAFTERS: dict[str, type] = {"ctc": CTCDrafter, "medusa": HeadsDrafter, "hydra": HeadsDrafter,
+                                     "eagle": HeadsDrafter}
+MODULE_KIND = {**{kind: kind for kind in KINDS}, "ctc+lookup": "ctc"}  # drafter name -> module kind it runs
+DRAFTERS = ("vanilla", "lookup", *KINDS, "ctc+lookup")
 
 
 def check_drafter_name(name: str) -> str:
@@ -18,30 +33,24 @@ def check_drafter_name(name: str) -> str:
     return name
 
 
-def make_drafter(name: str, model=None, model_name: str | None = None, drafter_path=None,
-                 tree_budget: int | None = None, transform: str = "beam", adaptive: bool = False,
-                 baseline_paths: dict | None = None, **options) -> Drafter:
-    """Build a drafter by name. Trained drafters need the base `model`, and a checkpoint directory
-    (`drafter_path` for ctc, `baseline_paths[name]` for the baselines) unless one ships for `model_name`."""
+def make_drafter(name: str, model: torch.nn.Module | None = None, drafter_dir: str | Path | None = None,
+                 transform: str = "beam") -> Drafter:
+    """Build a drafter by name. Trained drafters load their module from `drafter_dir` (a saved drafter of
+    the kind MODULE_KIND[name]) against the base `model`; their tree budget is left at the drafter's
+    default: pick it with `budget.choose_tree_budget` (or set `tree_budget`)."""
     check_drafter_name(name)
     if name == "vanilla":
-        return VanillaDrafter(**options)
+        return VanillaDrafter()
     if name == "lookup":
-        return LookupDrafter(**options)
-    if model is None:
-        raise CtcspecError(f"the {name} drafter needs the base model")
-    if name in BASELINES:
-        from ctcspec.drafters.heads import load_heads_drafter
-
-        return load_heads_drafter(name, model, (baseline_paths or {}).get(name), model_name=model_name,
-                                  tree_budget=tree_budget)
-    from ctcspec.drafters.ctc import load_ctc_drafter
-    from ctcspec.drafters.hybrid import CTCLookupDrafter
-
-    ctc = load_ctc_drafter(model, drafter_path, model_name=model_name, tree_budget=tree_budget, transform=transform,
-                           adaptive=adaptive)
-    return ctc if name == "ctc" else CTCLookupDrafter(ctc)
+        return LookupDrafter()
+    kind = MODULE_KIND[name]
+    if model is None or drafter_dir is None:
+        raise CtcspecError(f"the {name} drafter needs the base model and a trained {kind} drafter directory "
+                           f"(train one with ctcspec distill + ctcspec train --kind {kind})")
+    module, config = load_drafter_module(Path(drafter_dir), model, kind=kind)
+    drafter = TRAINED_DRAFTERS[kind].from_saved(module, config, transform)
+    return CTCLookupDrafter(drafter) if name == "ctc+lookup" else drafter
 
 
-__all__ = ["BASELINES", "DRAFTERS", "DraftRequest", "Drafter", "LookupDrafter", "VanillaDrafter", "check_drafter_name",
-           "make_drafter"]
+__all__ = ["DRAFTERS", "MODULE_KIND", "CTCDrafter", "CTCLookupDrafter", "DraftRequest", "Drafter", "HeadsDrafter",
+           "LookupDrafter", "VanillaDrafter", "check_drafter_name", "make_drafter"]

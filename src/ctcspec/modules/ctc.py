@@ -22,12 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctcspec.modules.layers import (
+    ContextCache,
+    DraftLayer,
+    RMSNorm,
+    draft_vocab_logits,
+    extend_context,
+    register_draft_vocabulary,
+)
+from ctcspec.search import TRANSFORMS, transform_nodes
+
 SLOT_ATTENTION = ("bidirectional", "causal")
 LOSSES = ("ctc", "ce")
 
 
 @dataclass(frozen=True)
-class DraftConfig:
+class CTCConfig:
     hidden_size: int
     num_heads: int
     intermediate_size: int
@@ -65,109 +75,15 @@ class DraftConfig:
         return asdict(self)
 
 
-def register_draft_vocabulary(module: nn.Module, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
-                              head_weight: torch.Tensor, head_bias: torch.Tensor | None, other_id: int) -> None:
-    """The base model's frozen pieces a draft module reads, as non-persistent buffers: its input
-    embedding, its LM head rows for the draft vocabulary, and the token id -> class id map (tokens
-    outside the vocabulary map to `other_id`)."""
-    module.register_buffer("vocab_ids", vocab_ids.to(torch.long), persistent=False)
-    module.register_buffer("embed_weight", embed_weight.detach(), persistent=False)
-    module.register_buffer("head_weight", head_weight.detach()[vocab_ids], persistent=False)
-    bias = head_bias.detach()[vocab_ids] if head_bias is not None else None
-    module.register_buffer("head_bias", bias, persistent=False)
-    class_of = torch.full((embed_weight.shape[0],), other_id, dtype=torch.long)
-    class_of[vocab_ids] = torch.arange(len(vocab_ids))
-    module.register_buffer("class_of_token", class_of, persistent=False)
-
-
-def draft_vocab_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(..., d) -> (..., draft_vocab_size) through the frozen LM head rows, on their oneDNN-packed
-    copy when the drafter was packed for CPU inference (cpu_kernels.pack_draft_module)."""
-    packed = getattr(module, "packed_head", None)
-    if packed is not None:
-        return packed(x)
-    bias = None if module.head_bias is None else module.head_bias.to(x.dtype)
-    return F.linear(x, module.head_weight.to(x.dtype), bias)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def rotary_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    half = head_dim // 2
-    return theta ** (-torch.arange(half, dtype=torch.float32) / half)
-
-
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding; x is (batch, heads, time, head_dim), positions (batch, time)."""
-    half = x.shape[-1] // 2
-    angles = (positions.to(torch.float32)[..., None] * freqs.float())[:, None]  # (batch, 1, time, half)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class DraftLayer(nn.Module):
-    """A pre-norm transformer layer whose queries (the slots) attend to keys/values given by the caller."""
-
-    def __init__(self, config: DraftConfig):
-        super().__init__()
-        d, f = config.hidden_size, config.intermediate_size
-        self.config = config
-        self.attn_norm = RMSNorm(d, config.rms_eps)
-        self.q_proj, self.k_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-        self.v_proj, self.o_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
-        self.mlp_norm = RMSNorm(d, config.rms_eps)
-        self.gate_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
-        freqs = rotary_frequencies(d // config.num_heads, config.rope_theta)
-        self.register_buffer("rotary_freqs", freqs, persistent=False)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.config.num_heads, -1).transpose(1, 2)
-
-    def keys_values(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.attn_norm(x)
-        keys = apply_rotary(self._heads(self.k_proj(h)), positions, self.rotary_freqs)
-        return keys, self._heads(self.v_proj(h))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                allowed: torch.Tensor | None) -> torch.Tensor:
-        """x: (batch, q, d); keys/values: (batch, heads, k, head_dim); allowed: bool (batch, 1, q, k), or
-        None when every query may see every key."""
-        queries = apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.rotary_freqs)
-        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-
-@dataclass(frozen=True)
-class ContextCache:
-    """The draft layer's keys/values over context units 0 .. length-1 (immutable; extend() copies)."""
-    keys: torch.Tensor    # (1, heads, length, head_dim)
-    values: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
-
-class CTCDraftModule(nn.Module):
+class CTCModule(nn.Module):
     """Trainable parameters: fuse, slot_embed, layer, out_norm, extra_head. The base model's input
     embedding and LM head rows (for `vocab_ids`) are frozen buffers, never saved with the drafter."""
 
     kind = "ctc"
+    search_modes = TRANSFORMS  # how drafts are read from the slots; one held-out acceptance curve each
+    sequential_search = False  # one slot forward ranks a tree of any size
 
-    def __init__(self, config: DraftConfig, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
+    def __init__(self, config: CTCConfig, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
                  head_weight: torch.Tensor, head_bias: torch.Tensor | None = None):
         super().__init__()
         if len(vocab_ids) != config.draft_vocab_size:
@@ -185,6 +101,16 @@ class CTCDraftModule(nn.Module):
             pattern = pattern.tril()
         self.register_buffer("slot_pattern", pattern, persistent=False)  # which slots each slot sees
 
+    @property
+    def draft_depth(self) -> int:
+        """The deepest draft the module can propose."""
+        return self.config.num_slots
+
+    @property
+    def target_count(self) -> int:
+        """Future tokens per anchor the training loss looks at (x_{t+2} ..)."""
+        return self.config.target_tokens
+
     # -- pieces shared by training and inference ------------------------------------------------
     def context_units(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """hidden (batch, t, d) of positions j; next_tokens (batch, t) = x_{j+1}."""
@@ -199,17 +125,16 @@ class CTCDraftModule(nn.Module):
         x = self.out_norm(outputs)
         return torch.cat([draft_vocab_logits(self, x), self.extra_head(x)], dim=-1)
 
+    def slot_nodes(self, log_probs: torch.Tensor, tree_budget: int, mode: str, max_depth: int | None = None,
+                   top_k: int = 6, beam_width: int = 16) -> list[tuple[int, ...]]:
+        """Ranked draft nodes (class-id paths, best first) read from one draft's slot log-probabilities."""
+        c = self.config
+        return transform_nodes(log_probs, mode, top_k, beam_width, c.blank_id, c.other_id, tree_budget, max_depth)
 
     # -- inference --------------------------------------------------------------------------------
     def extend(self, cache: ContextCache | None, units: torch.Tensor, start: int) -> ContextCache:
         """A new cache holding `cache` plus `units` (1, m, d) at positions start .. start+m-1."""
-        positions = torch.arange(start, start + units.shape[1], device=units.device)[None]
-        keys, values = self.layer.keys_values(units, positions)
-        if cache is not None:
-            if cache.length != start:
-                raise ValueError(f"context cache holds {cache.length} positions; cannot extend at {start}")
-            keys, values = torch.cat([cache.keys, keys], dim=2), torch.cat([cache.values, values], dim=2)
-        return ContextCache(keys, values)
+        return extend_context(self.layer, cache, units, start)
 
     def draft_log_probs(self, cache: ContextCache, last_unit: torch.Tensor) -> torch.Tensor:
         """Log-probabilities (N, classes) of the slots after the cache's last position; last_unit (1, d)."""
@@ -226,11 +151,14 @@ class CTCDraftModule(nn.Module):
         out = self.layer(slots, positions, keys, values, allowed)
         return self.slot_logits(out)[0].float().log_softmax(-1)
 
-    # -- training ---------------------------------------------------------------------------------
-    @property
-    def target_count(self) -> int:
-        return self.config.target_tokens
+    def offline_nodes(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: list[int], tree_budget: int,
+                      mode: str) -> list[list[tuple[int, ...]]]:
+        """Per anchor of one sequence, the ranked draft nodes inference would propose there."""
+        log_probs = self.training_logits(hidden, tokens, torch.tensor([anchors], device=tokens.device))
+        log_probs = log_probs.float().log_softmax(-1)[0].cpu()
+        return [self.slot_nodes(lp, tree_budget, mode) for lp in log_probs]
 
+    # -- training ---------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor, targets: torch.Tensor,
                 target_lengths: torch.Tensor) -> torch.Tensor:
         """The training loss (the interface every trainable drafter module shares)."""
@@ -279,8 +207,3 @@ class CTCDraftModule(nn.Module):
         input_lengths = torch.full_like(lengths, c.num_slots)
         return F.ctc_loss(log_probs, targets, input_lengths, lengths, blank=c.blank_id, reduction="mean",
                           zero_infinity=True)
-
-
-def base_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctcspec.draft_heads import HeadsModule, anchor_hidden
-from ctcspec.draft_module import ContextCache, DraftLayer
+from ctcspec.modules.heads import HeadsModule, anchor_hidden
+from ctcspec.modules.layers import ContextCache, DraftLayer, extend_context
 
 
 class EagleModule(HeadsModule):
@@ -54,17 +54,10 @@ class EagleModule(HeadsModule):
     # -- search -----------------------------------------------------------------------------------
     def update_context(self, context, new_hidden: torch.Tensor, tokens: torch.Tensor):
         """A new (cache, last unit) holding the newly accepted positions; the old cache is not touched."""
-        cache = context[0] if context is not None else None
         new = new_hidden.shape[0]
-        start = len(tokens) - 1 - new
         units = self.units(new_hidden[None], tokens[-new:][None])
-        positions = torch.arange(start, start + new, device=units.device)[None]
-        keys, values = self.layer.keys_values(units, positions)
-        if cache is not None:
-            if cache.length != start:
-                raise ValueError(f"context cache holds {cache.length} positions; cannot extend at {start}")
-            keys, values = torch.cat([cache.keys, keys], dim=2), torch.cat([cache.values, values], dim=2)
-        return ContextCache(keys, values), units[:, -1]
+        cache = extend_context(self.layer, context[0] if context is not None else None, units, len(tokens) - 1 - new)
+        return cache, units[:, -1]
 
     def offline_contexts(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: list[int]) -> list:
         units = self.units(hidden[:, :-1], tokens[:, 1:])

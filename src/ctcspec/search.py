@@ -1,4 +1,10 @@
-"""The CTC transform: slot distributions -> collapsed candidate continuations -> a draft trie.
+"""Every way draft nodes are ranked and cut to a tree budget: the CTC transform, best-first search
+over a draft network's distributions, the budgeted trie, and offline acceptance per budget.
+
+A draft node is a path of class ids from the root. Every ranking here returns nodes best first with
+parents before children, so the first b nodes always form a tree: `build_tree` keeps them.
+
+The CTC transform: slot distributions -> collapsed candidate continuations -> a draft trie.
 
 A slot emits a class per frame: a draft-vocabulary token, "other" (a token the drafter cannot
 name; the draft ends there) or the blank. An alignment collapses to a token sequence by merging
@@ -13,16 +19,24 @@ Two ways to get candidates, both returning {collapsed prefix: probability}:
 `none` is the ablation without the transform: slot i's distribution (blank excluded) is read as
 the token at depth i, Medusa-style, and the best nodes of that per-slot top-k tree are taken.
 
-`build_tree` turns candidates into a trie: a node's score is the summed probability of the
+`best_first_nodes` ranks the nodes of any draft network that scores one tree level at a time
+(Medusa, Hydra, EAGLE-style): a node's score is its path log-probability, and nodes leave a heap best
+first, so a node's children are computed only when it is taken (one small forward for the sequential
+drafters).
+
+`build_tree` turns ranked nodes into a trie: a node's score is the summed probability of the
 candidates that pass through it (an estimate of the chance the base model accepts it), and the
-`budget` best nodes are kept; scores never grow with depth, so every kept node's parent is kept.
+`tree_budget` best nodes are kept; scores never grow with depth, so every kept node's parent is kept.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -111,11 +125,9 @@ def ranked_nodes(candidates: dict[tuple[int, ...], float], max_depth: int | None
     return nodes
 
 
-def slotwise_nodes(log_probs: torch.Tensor, blank: int, other: int, max_nodes: int,
+def slotwise_nodes(log_probs: torch.Tensor, blank: int, other: int, tree_budget: int,
                    max_depth: int | None = None) -> list[tuple[int, ...]]:
-    """Transform off: slot i predicts depth i+1 directly; the best `max_nodes` nodes of that tree."""
-    from ctcspec.draft_heads import best_first_nodes
-
+    """Transform off: slot i predicts depth i+1 directly; the best `tree_budget` nodes of that tree."""
     log_probs = log_probs.float().clone()
     log_probs[:, blank] = float("-inf")
 
@@ -124,14 +136,14 @@ def slotwise_nodes(log_probs: torch.Tensor, blank: int, other: int, max_nodes: i
         return depth, log_probs[min(depth, len(log_probs) - 1)]
 
     depth = len(log_probs) if max_depth is None else min(max_depth, len(log_probs))
-    return best_first_nodes(-1, expand, max_nodes, depth, top_k=max_nodes, other_id=other) if depth > 0 else []
+    return best_first_nodes(-1, expand, tree_budget, depth, top_k=tree_budget, other_id=other) if depth > 0 else []
 
 
 def transform_nodes(log_probs: torch.Tensor, transform: str, top_k: int, beam_width: int, blank: int, other: int,
-                    max_nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
+                    tree_budget: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
     """Ranked trie nodes (best first, parents before children) from slot log-probabilities."""
     if transform == "none":
-        return slotwise_nodes(log_probs, blank, other, max_nodes, max_depth)
+        return slotwise_nodes(log_probs, blank, other, tree_budget, max_depth)
     if transform == "topk":
         candidates = topk_alignments(log_probs, top_k, beam_width, blank, other)
     else:
@@ -139,9 +151,58 @@ def transform_nodes(log_probs: torch.Tensor, transform: str, top_k: int, beam_wi
     return ranked_nodes(candidates, max_depth=max_depth)
 
 
-def build_tree(nodes: list[tuple[int, ...]], budget: int, token_of_class: Sequence[int] | None = None) -> TokenTree:
-    """The first `budget` ranked nodes as a TokenTree (class ids mapped to token ids)."""
-    kept = sorted(nodes[:budget], key=len)  # parents before children
+Expand = Callable[[Any, int | None], tuple[Any, torch.Tensor]]
+
+
+def best_first_nodes(root_state: Any, expand: Expand, tree_budget: int, max_depth: int, top_k: int,
+                     other_id: int) -> list[tuple[int, ...]]:
+    """Up to `tree_budget` draft nodes, best (highest path log-probability) first.
+
+    expand(parent_state, class_id) gives the state of the child reached by class_id and the
+    log-probabilities (classes,) of its own children; expand(root_state, None) those of the root.
+    "other" is never drafted (the base model will pick a token the drafter cannot name).
+    """
+    counter = itertools.count()
+    heap: list = []
+
+    def push_children(path: tuple[int, ...], score: float, state: Any, log_probs: torch.Tensor) -> None:
+        if len(path) >= max_depth:
+            return
+        log_probs = log_probs.float().clone()
+        log_probs[other_id] = float("-inf")
+        values, ids = log_probs.topk(min(top_k, log_probs.shape[0] - 1))
+        for value, cls in zip(values.tolist(), ids.tolist(), strict=True):
+            if value == float("-inf"):  # excluded classes (other; the CTC blank) are never drafted
+                break
+            heapq.heappush(heap, (-(score + value), next(counter), path + (cls,), state))
+
+    root, log_probs = expand(root_state, None)
+    push_children((), 0.0, root, log_probs)
+    nodes: list[tuple[int, ...]] = []
+    while heap and len(nodes) < tree_budget:
+        neg_score, _, path, parent_state = heapq.heappop(heap)
+        nodes.append(path)
+        if len(nodes) < tree_budget and len(path) < max_depth:  # the last node's children are never needed
+            state, log_probs = expand(parent_state, path[-1])
+            push_children(path, -neg_score, state, log_probs)
+    return nodes
+
+
+def module_nodes(module, context, tree_budget: int, max_depth: int) -> list[tuple[int, ...]]:
+    """The best `tree_budget` draft nodes of a level-by-level draft network after `context`: exactly the
+    best, since every node may take up to `tree_budget` children. `module` offers search_root(context)
+    and expand(state, class_id) (modules/heads.py)."""
+    depth = min(max_depth, module.draft_depth)
+    if depth < 1 or tree_budget < 1:
+        return []
+    return best_first_nodes(module.search_root(context), module.expand, tree_budget, depth, top_k=tree_budget,
+                            other_id=module.config.other_id)
+
+
+def build_tree(nodes: list[tuple[int, ...]], tree_budget: int,
+               token_of_class: Sequence[int] | None = None) -> TokenTree:
+    """The first `tree_budget` ranked nodes as a TokenTree (class ids mapped to token ids)."""
+    kept = sorted(nodes[:tree_budget], key=len)  # parents before children
     index: dict[tuple[int, ...], int] = {}
     tokens: list[int] = []
     parents: list[int] = []
@@ -156,7 +217,7 @@ def build_tree(nodes: list[tuple[int, ...]], budget: int, token_of_class: Sequen
 
 
 def accepted_by_budget(nodes: list[tuple[int, ...]], truth: Sequence[int], budgets: Sequence[int]) -> list[int]:
-    """Draft tokens the base model would accept from the first b ranked nodes, for each budget b.
+    """Draft tokens the base model would accept from the first b ranked nodes, for each tree budget b.
 
     `truth` is the base model's own continuation (class ids); acceptance is the longest prefix of
     it that the tree holds.

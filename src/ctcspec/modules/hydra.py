@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctcspec.draft_heads import HeadsModule, anchor_hidden, following_tokens
-from ctcspec.drafters.medusa import ResidualMLP
+from ctcspec.modules.heads import HeadsModule, anchor_hidden, following_tokens
+from ctcspec.modules.medusa import ResidualMLP
 
 
 class HydraModule(HeadsModule):

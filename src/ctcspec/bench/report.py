@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from ctcspec.bench import HF, per_category
+from ctcspec.bench.summary import HF, per_category, write_report
 
 
 def answer_records(report: dict, model_id: str) -> dict[str, list[dict]]:
@@ -98,8 +98,6 @@ def plot_report(report: dict, path: Path) -> None:
 
 def write_outputs(report: dict, meta: dict, out_dir: Path) -> dict[str, Path]:
     """report.json, report.md, plot.png and answers/<drafter>.jsonl under out_dir."""
-    from ctcspec.bench import write_report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "plot": out_dir / "plot.png"}
     write_report(report, paths["json"], meta)

@@ -1,9 +1,9 @@
 """Self-distillation data: the base model answers training prompts greedily; we keep the token ids.
 
 `DIR/samples.jsonl` gets one line per answered prompt ({"index", "source", "prompt_len", "ids"}),
-appended batch by batch, so an interrupted run resumes where it stopped. Hidden states are not
-stored: training recomputes them with one teacher-forced base forward per batch (cheaper than the
-disk: 576 floats per token would be ~2.3 KB/token for SmolLM2).
+appended batch by batch, so an interrupted run resumes where it stopped. Only token ids are kept:
+training runs the base model over them for its hidden states (`ctcspec train --hidden-cache DIR`
+keeps those on disk, fp16, for several trainings on the same data).
 
 Prompts come from FastChat question jsonl (first turns), GSM8K jsonl, plain-text files (one
 prompt per line), and optionally from the base model itself (`self_instruct`), which is asked to
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ctcspec.errors import CtcspecError
+from ctcspec.engine import eos_ids_of
+from ctcspec.errors import CtcspecError, read_text_file
+from ctcspec.modules.files import describe_base
 from ctcspec.prompts import encode_chat
 
 SAMPLES_FILE, META_FILE, INSTRUCTIONS_FILE = "samples.jsonl", "meta.json", "self_instruct.jsonl"
@@ -138,10 +140,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     "instruction", or plain text with one prompt per line."""
     path = Path(path)
     _refuse_evaluation_set(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CtcspecError(f"cannot read prompt file {str(path)!r}: {exc.strerror}") from None
+    text = read_text_file(path, "prompt file")
     prompts = []
     jsonl = path.suffix == ".jsonl"
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -202,8 +201,6 @@ def _clean_instruction(text: str) -> str | None:
 def self_instruct(model, tokenizer, count: int, out_dir: Path, batch_size: int = 64, seed: int = 0,
                   progress: bool = True) -> list[Prompt]:
     """Ask the base model for `count` diverse user requests (sampled), cached in DIR/self_instruct.jsonl."""
-    from ctcspec.engine import eos_ids_of
-
     path = Path(out_dir) / INSTRUCTIONS_FILE
     have = [json.loads(line)["text"] for line in path.read_text().splitlines()] if path.exists() else []
     rng = random.Random(seed + len(have))
@@ -259,9 +256,6 @@ def _drop_partial_last_line(path: Path) -> None:
 def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
             batch_size: int = 16, progress: bool = True) -> Path:
     """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped."""
-    from ctcspec.checkpoint import describe_base
-    from ctcspec.engine import eos_ids_of
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = describe_base(model)

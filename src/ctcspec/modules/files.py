@@ -1,9 +1,9 @@
-"""Saving and loading trained drafters: a directory with config.json + model.safetensors.
+"""The saved-drafter format: a directory with config.json + model.safetensors.
 
-config.json records the base model the drafter was trained for (architecture, hidden size,
-vocabulary size and a fingerprint of its LM head), so loading it against another base model is
-a clear error rather than garbage drafts. The base model's embedding and LM head are not stored:
-they are taken from the base model at load time.
+config.json records the module's kind and configuration, and the base model the drafter was trained
+for (architecture, hidden size, vocabulary size and a fingerprint of its LM head), so loading it
+against another base model is a clear error rather than garbage drafts. The base model's embedding
+and LM head are not stored: they are taken from the base model at load time.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ctcspec.cpu_kernels import linear_kernels_of, pack_draft_module, packing_supported
-from ctcspec.draft_heads import HeadsConfig
-from ctcspec.draft_module import CTCDraftModule, DraftConfig, base_head
 from ctcspec.errors import CtcspecError
+from ctcspec.modules import KINDS, build_module, module_config, parameter_count
+from ctcspec.modules.layers import base_head
 
 FORMAT = "ctcspec-drafter"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "lm_head_sha256")
 
 
 def head_fingerprint(model: torch.nn.Module) -> str:
@@ -43,33 +44,11 @@ def describe_base(model: torch.nn.Module) -> dict:
 
 def check_base(expected: dict, model: torch.nn.Module, where: str) -> None:
     actual = describe_base(model)
-    for key in ("architecture", "hidden_size", "vocab_size", "lm_head_sha256"):
+    for key in BASE_KEYS:
         if expected.get(key) != actual[key]:
             raise CtcspecError(
                 f"drafter {where} was trained for another base model: its {key} is {expected.get(key)!r}, "
                 f"this model's is {actual[key]!r}. Train a drafter for this model (ctcspec distill + ctcspec train).")
-
-
-def module_class(config: DraftConfig | HeadsConfig) -> type[torch.nn.Module]:
-    """The module class a configuration describes: the CTC module or one of the baselines."""
-    if isinstance(config, DraftConfig):
-        return CTCDraftModule
-    from ctcspec.drafters.eagle import EagleModule
-    from ctcspec.drafters.hydra import HydraModule
-    from ctcspec.drafters.medusa import MedusaModule
-
-    return {"medusa": MedusaModule, "hydra": HydraModule, "eagle": EagleModule}[config.kind]
-
-
-def build_module(config: DraftConfig | HeadsConfig, vocab_ids: torch.Tensor, model: torch.nn.Module):
-    head_weight, head_bias = base_head(model)
-    return module_class(config)(config, vocab_ids.to(head_weight.device), model.get_input_embeddings().weight,
-                                head_weight, head_bias)
-
-
-def parameter_count(module: torch.nn.Module) -> int:
-    """Trainable parameters (the frozen base embedding and LM head rows are buffers, not counted)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 def save_drafter(directory: Path, module: torch.nn.Module, base: dict, extra: dict | None = None,
@@ -80,19 +59,25 @@ def save_drafter(directory: Path, module: torch.nn.Module, base: dict, extra: di
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in module.named_parameters()}
     tensors["vocab_ids"] = module.vocab_ids.to("cpu", torch.int64).contiguous()
     save_file(tensors, str(directory / WEIGHTS_FILE))
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": getattr(module, "kind", "ctc"),
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": module.kind,
               "draft": module.config.to_dict(), "parameters": parameter_count(module), "base": base, **(extra or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
-    if not Path(directory).is_dir():
+    """A drafter's config.json, checked: the format, its version, a known kind and an object for `base`."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
         raise CtcspecError(f"drafter directory {str(directory)!r} does not exist")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
+    except FileNotFoundError:
         raise CtcspecError(f"drafter directory {str(directory)!r} has no {CONFIG_FILE}") from None
+    except OSError as exc:
+        raise CtcspecError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CtcspecError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise CtcspecError(f"{path} is corrupt: not valid JSON ({exc.msg})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -100,21 +85,42 @@ def read_config(directory: Path) -> dict:
     if config.get("format_version") != FORMAT_VERSION:
         raise CtcspecError(f"{path} has format version {config.get('format_version')}; "
                            f"this ctcspec reads version {FORMAT_VERSION}")
+    kind = config.setdefault("kind", "ctc")
+    if kind not in KINDS:
+        raise CtcspecError(f"{path}: unknown drafter kind {kind!r}; this ctcspec knows {', '.join(KINDS)}")
+    for key in ("base", "draft"):
+        if not isinstance(config.get(key), dict):
+            raise CtcspecError(f"{path}: '{key}' must be a JSON object")
     return config
+
+
+def drafter_kind(directory: Path) -> str:
+    """The kind (ctc, medusa, hydra, eagle) of the drafter saved in `directory`."""
+    return read_config(directory)["kind"]
+
+
+def _read_vocab_ids(tensors: dict, size: int, vocab_size: int, where: Path) -> torch.Tensor:
+    vocab_ids = tensors.pop("vocab_ids", None)
+    if vocab_ids is None or vocab_ids.ndim != 1 or len(vocab_ids) != size:
+        raise CtcspecError(f"{where}: missing or wrong-sized vocab_ids")
+    if vocab_ids.dtype.is_floating_point or len(vocab_ids) and (vocab_ids.min() < 0 or vocab_ids.max() >= vocab_size):
+        raise CtcspecError(f"{where}: vocab_ids must be token ids in 0..{vocab_size - 1} of the base model")
+    return vocab_ids.long()
 
 
 def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):
     """The trained module on the base model's device (fp32 unless the base runs in another float type),
-    and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's."""
+    and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's.
+    On a base model running packed CPU kernels the module runs packed too."""
     directory = Path(directory)
     config = read_config(directory)
-    found = config.get("kind", "ctc")
+    found = config["kind"]
     if kind is not None and found != kind:
         raise CtcspecError(f"drafter {str(directory)!r} is a {found} drafter, not {kind}")
-    check_base(config.get("base", {}), model, str(directory))
+    check_base(config["base"], model, str(directory))
     try:
-        draft_config = DraftConfig(**config["draft"]) if found == "ctc" else HeadsConfig(**config["draft"])
-    except (KeyError, TypeError, ValueError) as exc:
+        draft_config = module_config(found, config["draft"])
+    except (TypeError, ValueError) as exc:
         raise CtcspecError(f"{directory / CONFIG_FILE}: bad 'draft' section ({exc})") from None
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
@@ -122,10 +128,9 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
         raise CtcspecError(f"drafter directory {str(directory)!r} has no {WEIGHTS_FILE}") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise CtcspecError(f"{directory / WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
-    vocab_ids = tensors.pop("vocab_ids", None)
-    if vocab_ids is None or len(vocab_ids) != draft_config.draft_vocab_size:
-        raise CtcspecError(f"{directory / WEIGHTS_FILE}: missing or wrong-sized vocab_ids")
-    module = build_module(draft_config, vocab_ids, model)
+    vocab_ids = _read_vocab_ids(tensors, draft_config.draft_vocab_size, base_head(model)[0].shape[0],
+                                directory / WEIGHTS_FILE)
+    module = build_module(found, draft_config, vocab_ids, model)
     dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
     expected = dict(module.named_parameters())
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
@@ -137,7 +142,7 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
     return module, config
 
 
-def default_drafter_dir(model_name: str, kind: str = "ctc") -> Path | None:
+def shipped_drafter_dir(model_name: str, kind: str) -> Path | None:
     """The drafter of `kind` shipped in the package for an embedded default model, if any."""
     path = resources.files("ctcspec").joinpath(f"data/drafters/{model_name}-{kind}")
     return Path(str(path)) if path.is_dir() else None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctcspec.draft_heads import HeadsModule, anchor_hidden
+from ctcspec.modules.heads import HeadsModule, anchor_hidden
 
 
 class ResidualMLP(nn.Module):

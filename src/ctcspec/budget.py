@@ -1,0 +1,209 @@
+"""The tree budget: how many draft nodes a step should verify on this machine.
+
+Verification is not free on a CPU (REFERENCE.md section 5), so the budget is chosen against this
+machine's verification cost curve (time of one base forward over q tree nodes), measured once per
+model, device, dtype, kernels and thread count and cached under $CTCSPEC_HOME/costs, together with
+the drafter's held-out acceptance curve and its own drafting time per budget:
+
+    drafter.tree_budget = choose_tree_budget(drafter, model)
+
+`AdaptiveBudget` re-chooses the budget during each generation from the acceptance the engine reports.
+Nothing here runs unless called: building a drafter never measures anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ctcspec.cpu_kernels import linear_kernels_of
+from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.models import ctcspec_home
+from ctcspec.tree import TokenTree
+from ctcspec.verify import prefill, verify_tree
+
+log = logging.getLogger(__name__)
+
+COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+@torch.inference_mode()
+def verify_cost_curve(model: torch.nn.Module, sizes: list[int], context: int = 256, repeats: int = 5,
+                      seed: int = 0) -> dict[int, float]:
+    """Median seconds of one verification forward over q = size nodes (root included), per size.
+
+    Sizes are measured interleaved, round by round, so drift of the machine spreads evenly.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
+    cache = DynamicCache(config=model.config)
+    prefill(model, cache, prompt[:-1])  # the engine's invariant: the root is not cached yet
+    timings: dict[int, list[float]] = {q: [] for q in sizes}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for q in sizes:
+            siblings = torch.randperm(vocab, generator=gen)[:q - 1]  # distinct, so the tree really has q - 1 nodes
+            tree = TokenTree.from_sequences([[int(t)] for t in siblings])
+            start = time.perf_counter()
+            verify_tree(model, cache, prompt[-1], tree, context - 1)
+            timings[q].append(time.perf_counter() - start)
+            cache.crop(-(len(tree) + 1))  # drop what the forward appended: back to the context alone
+    return {q: statistics.median(ts[1:]) for q, ts in timings.items()}
+
+
+def cost_cache_path(model: torch.nn.Module, sizes: tuple[int, ...]):
+    key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
+                      "dtype": str(model.dtype), "kernels": linear_kernels_of(model),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "sizes": list(sizes)}, sort_keys=True)
+    return ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZES) -> dict[int, float]:
+    """`verify_cost_curve` for this model, device, dtype, kernels and thread count: measured once (a few
+    seconds), then read from $CTCSPEC_HOME/costs. The cache file is written whole or not at all."""
+    path = cost_cache_path(model, sizes)
+    try:
+        return {int(q): float(s) for q, s in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    log.info("measuring this machine's verification cost curve once (a few seconds)")
+    curve = verify_cost_curve(model, list(sizes))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(curve, tmp)
+    os.replace(tmp.name, path)  # atomic: two runs side by side never see half a file
+    return curve
+
+
+def interpolate_cost(cost: dict[int, float], q: int) -> float:
+    """Cost of a q-node forward, linear between measured sizes and beyond the largest."""
+    sizes = sorted(cost)
+    if q <= sizes[0]:
+        return cost[sizes[0]]
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        if q <= hi:
+            return cost[lo] + (cost[hi] - cost[lo]) * (q - lo) / (hi - lo)
+    lo, hi = sizes[-2], sizes[-1]
+    return cost[hi] + (cost[hi] - cost[lo]) * (q - hi) / (hi - lo)
+
+
+def expected_rate(accepted: float, tree_budget: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:
+    """Expected tokens per second of a step drafting `tree_budget` nodes of which `accepted` are kept."""
+    return (1 + accepted) / (interpolate_cost(cost, tree_budget + 1) + draft_cost)
+
+
+def drafting_cost_curve(drafter: Drafter, model: torch.nn.Module, budgets, context: int = 256,
+                        repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one `drafter.propose` step per tree budget, on a random context (random hidden
+    states of the base model's width and random tokens). Leaves the drafter's budget as it was."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (context + repeats + 1,), generator=gen)
+    hidden = torch.randn(context + repeats, model.config.hidden_size, generator=gen).to(model.dtype)
+    saved, seconds = drafter.tree_budget, {}
+    for budget in budgets:
+        drafter.tree_budget = budget
+        drafter.reset()
+        drafter.propose(DraftRequest(tokens[:context + 1], 16, new_hidden=hidden[:context]))
+        times = []
+        for i in range(repeats):
+            start = time.perf_counter()
+            drafter.propose(DraftRequest(tokens[:context + i + 2], 16, new_hidden=hidden[context + i:context + i + 1]))
+            times.append(time.perf_counter() - start)
+        seconds[budget] = statistics.median(times)
+    drafter.tree_budget = saved
+    drafter.reset()
+    return seconds
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a budget choice rests on: held-out acceptance, verification cost and drafting cost per budget."""
+    acceptance: dict[int, float]
+    cost: dict[int, float]
+    draft_cost: dict[int, float]
+
+    def rate(self, tree_budget: int, scale: float = 1.0) -> float:
+        return expected_rate(scale * self.acceptance[tree_budget], tree_budget, self.cost,
+                             self.draft_cost[tree_budget])
+
+    def best(self, scale: float = 1.0) -> int:
+        """The budget maximising expected tokens per unit time, (1 + accepted(b)) / (cost(1 + b) + draft(b))."""
+        return max(self.acceptance, key=lambda b: self.rate(b, scale))
+
+
+def budget_plan(drafter: Drafter, model: torch.nn.Module) -> BudgetPlan | None:
+    """Measure (or read the cached) costs a budget choice needs; None for drafters without an acceptance curve."""
+    if not drafter.acceptance_curve:
+        return None
+    budgets = sorted(drafter.acceptance_curve)
+    return BudgetPlan(dict(drafter.acceptance_curve), machine_cost_curve(model),
+                      drafting_cost_curve(drafter, model, budgets))
+
+
+def choose_tree_budget(drafter: Drafter, model: torch.nn.Module) -> int:
+    """The tree budget maximising expected tokens per second for this drafter on this machine; the drafter's
+    own budget when it has no held-out acceptance curve (lookup, or a drafter saved without curves)."""
+    plan = budget_plan(drafter, model)
+    if plan is None:
+        return drafter.tree_budget
+    choice = plan.best()
+    log.info("%s: tree budget %d (expected %.2f accepted draft tokens per step)", drafter.name, choice,
+             plan.acceptance[choice])
+    return choice
+
+
+class AdaptiveBudget(Drafter):
+    """Runs `drafter` with a tree budget re-chosen every step from the acceptance seen in this generation.
+
+    The held-out acceptance curve is scaled by (accepted so far) / (what the curve expected for the
+    budgets used), with `prior_steps` steps' worth of the curve as a prior; the budget maximising
+    expected tokens per unit time under the scaled curve is taken, or none (0) when plain decoding is
+    faster. While not drafting, every `probe_every`-th step still drafts (at the drafter's own budget),
+    to keep measuring.
+    """
+
+    def __init__(self, drafter: Drafter, plan: BudgetPlan, prior_steps: float = 4.0, probe_every: int = 8):
+        self.drafter, self.plan = drafter, plan
+        self.prior_steps, self.probe_every = prior_steps, probe_every
+        self.name, self.needs_hidden_states = drafter.name, drafter.needs_hidden_states
+        self.acceptance_curve = drafter.acceptance_curve
+        self.probe_budget = drafter.tree_budget
+        self.reset()
+
+    def settings(self) -> dict:
+        return {**self.drafter.settings(), "tree_budget": self.probe_budget, "adaptive_budget": True}
+
+    def reset(self) -> None:
+        self.drafter.reset()
+        self._last_budget = 0          # budget of the previous proposal (0: it drafted nothing)
+        self._accepted = 0.0           # accepted draft tokens so far in this generation
+        self._expected = 0.0           # what the held-out curve expected for the budgets used
+        self._idle_steps = 0
+
+    def choose(self, accepted: float, expected: float) -> int:
+        reference = max(self.plan.acceptance.values())
+        scale = (self.prior_steps * reference + accepted) / (self.prior_steps * reference + expected)
+        best = self.plan.best(scale)
+        return best if self.plan.rate(best, scale) > 1.0 / self.plan.cost[min(self.plan.cost)] else 0
+
+    def propose(self, request: DraftRequest) -> TokenTree:
+        if self._last_budget:
+            self._accepted += request.accepted
+            self._expected += self.plan.acceptance.get(self._last_budget, 0.0)
+        budget = self.choose(self._accepted, self._expected)
+        self._idle_steps = 0 if budget else self._idle_steps + 1
+        if not budget and self._idle_steps % self.probe_every == 0:
+            budget = self.probe_budget
+        self._last_budget = budget
+        self.drafter.tree_budget = budget
+        return self.drafter.propose(request)  # at budget 0 the drafter updates its context and drafts nothing

@@ -1,0 +1,158 @@
+"""Training data: distilled samples, the held-out split, batches, anchors, CTC targets, and the base
+model's hidden states (computed per batch, or once into an on-disk cache shared by several runs).
+
+Batches are a pure function of (seed, epoch), so a resumed run sees the same data a straight run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctcspec.errors import CtcspecError
+from ctcspec.modules.files import describe_base
+from ctcspec.training.distill import read_samples
+
+
+def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens (all tokens when size is 0 or covers the vocabulary)."""
+    if size <= 0 or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter(t for s in samples for t in s["ids"][s["prompt_len"]:])
+    ids = [t for t, _ in counts.most_common(size)]
+    filler = (t for t in range(vocab_size) if t not in set(ids))
+    ids += [next(filler) for _ in range(size - len(ids))]  # tiny data: pad with unseen ids
+    return torch.tensor(sorted(ids))
+
+
+def split_heldout(samples: list[dict], every: int) -> tuple[list[dict], list[dict]]:
+    heldout = [s for s in samples if s["index"] % every == 0]
+    train = [s for s in samples if s["index"] % every != 0]
+    if not train or not heldout:
+        raise CtcspecError(f"need more distilled samples: {len(samples)} give no train/held-out split")
+    return train, heldout
+
+
+def batch_order(samples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's batches (sample positions): shuffled, similar lengths grouped to limit padding."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    chunk = batch_size * 32
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start:start + chunk], key=lambda i: len(samples[i]["ids"]))
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pad_batch(samples: list[dict], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seqs = [s["ids"][:max_length] for s in samples]
+    width = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    lengths = torch.tensor([len(s) for s in seqs])
+    prompt_lens = torch.tensor([min(s["prompt_len"], max_length) for s in samples])
+    return tokens.to(device), lengths.to(device), prompt_lens.to(device)
+
+
+def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
+                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors t in [prompt_len - 1, length - 3] (root and at least one target inside the sequence).
+    Returns anchors (batch, count) and a validity mask; count=0 takes every valid position."""
+    rows = []
+    for length, prompt_len in zip(lengths.tolist(), prompt_lens.tolist(), strict=True):
+        positions = list(range(max(prompt_len - 1, 0), length - 2))
+        if count and len(positions) > count:
+            picks = torch.randperm(len(positions), generator=generator)[:count].tolist()
+            positions = sorted(positions[i] for i in picks)
+        rows.append(positions)
+    width = max(1, max(len(r) for r in rows))
+    anchors = torch.zeros(len(rows), width, dtype=torch.long)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        anchors[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[i, :len(r)] = True
+    return anchors.to(lengths.device), valid.to(lengths.device)
+
+
+def draft_targets(module, tokens: torch.Tensor, lengths: torch.Tensor, anchors: torch.Tensor,
+                  valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids of x_{t+2} .. x_{t+1+count} per anchor, cut at the sequence end and after the first
+    token outside the draft vocabulary (kept as "other"). Returns (batch, S, count) and lengths."""
+    offsets = torch.arange(2, 2 + count, device=tokens.device)
+    positions = anchors[..., None] + offsets                       # (b, S, count)
+    inside = positions < lengths[:, None, None]
+    gathered = tokens.gather(1, positions.clamp(max=tokens.shape[1] - 1).flatten(1)).view(positions.shape)
+    classes = module.class_of_token[gathered]
+    is_other = (classes == module.config.other_id) & inside
+    after_other = (is_other.cumsum(-1) - is_other.long()) > 0    # strictly after the first "other"
+    keep = inside & ~after_other & valid[..., None]
+    target_lengths = keep.sum(-1)
+    return classes.masked_fill(~keep, 0), target_lengths
+
+
+@torch.no_grad()
+def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()
+    out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def _ids_key(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
+
+
+def open_hidden_cache(path: Path, model) -> Path:
+    """The hidden-state cache directory, bound to one base model (its description is stored there)."""
+    path.mkdir(parents=True, exist_ok=True)
+    meta, base = path / "base.json", {**describe_base(model), "dtype": str(model.dtype)}
+    if meta.exists():
+        if json.loads(meta.read_text()) != base:
+            raise CtcspecError(f"hidden-state cache {str(path)!r} was written for another base model or dtype")
+    else:
+        meta.write_text(json.dumps(base, indent=2) + "\n")
+    return path
+
+
+@torch.no_grad()
+def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torch.Tensor,
+                 cache_dir: Path | None) -> torch.Tensor:
+    """Base hidden states of a padded batch; with `cache_dir`, each sequence's states are computed
+    once and kept on disk (fp16), so several drafters trained on the same data pay the base forward once."""
+    if cache_dir is None:
+        return base_hidden(model, tokens, lengths)
+    paths = [cache_dir / f"{_ids_key(s['ids'][:int(n)])}.npy" for s, n in zip(samples, lengths.tolist(), strict=True)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        rows = torch.tensor(missing, device=tokens.device)
+        computed = base_hidden(model, tokens[rows], lengths[rows]).to("cpu", torch.float16)
+        for row, i in enumerate(missing):
+            tmp = paths[i].with_suffix(".tmp.npy")
+            np.save(tmp, computed[row, :int(lengths[i])].numpy())
+            tmp.replace(paths[i])  # atomic: a killed run never leaves half a file behind
+    hidden = torch.zeros(*tokens.shape, model.config.hidden_size, dtype=model.dtype)
+    for i, p in enumerate(paths):
+        states = torch.from_numpy(np.load(p))
+        hidden[i, :states.shape[0]] = states.to(hidden.dtype)
+    return hidden.to(tokens.device)
+
+
+def read_data(data_dirs: list[Path]) -> list[dict]:
+    """Samples of several distilled directories; indices offset per directory so they stay distinct."""
+    samples, seen = [], set()
+    for k, directory in enumerate(data_dirs):
+        for s in read_samples(Path(directory)):
+            prompt = tuple(s["ids"][:s["prompt_len"]])
+            if prompt not in seen:  # the same prompt in two directories: keep one (no held-out leaks)
+                seen.add(prompt)
+                samples.append({**s, "index": s["index"] + k * 10_000_000})
+    return samples

@@ -1,0 +1,237 @@
+"""Training a draft module on distilled data (self-distillation): the CTC module, or a baseline
+(Medusa, Hydra, EAGLE-style) with the same data, anchors and loop; each module computes its own loss.
+
+Each batch: the frozen base model runs the distilled sequences once (teacher forcing) for its last
+hidden states; at a random subset of answer positions t ("anchors") the module's N slots must
+spell out the base model's next K tokens x_{t+2} .. x_{t+1+K} (x_{t+1} is the root, already known)
+under CTC loss. Tokens outside the draft vocabulary become the "other" class, which ends a draft.
+
+Checkpoints (module, optimizer, schedule, step) are written atomically every `checkpoint_every`
+steps; `resume=True` continues from the last one. Batches are a pure function of (seed, step)
+(data.py), so a resumed run sees the same data a straight run would. Runs unchanged under `accelerate launch`:
+every process takes its share of each batch, gradients are averaged by accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ctcspec.errors import CtcspecError
+from ctcspec.modules import KINDS, build_module
+from ctcspec.modules.ctc import CTCConfig
+from ctcspec.modules.files import describe_base, save_drafter
+from ctcspec.modules.heads import HeadsConfig
+from ctcspec.training.data import (
+    batch_hidden,
+    batch_order,
+    choose_anchors,
+    draft_targets,
+    draft_vocabulary,
+    open_hidden_cache,
+    pad_batch,
+    read_data,
+    split_heldout,
+)
+from ctcspec.training.evaluate import SEARCH_BUDGETS, acceptance_curve
+
+CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every",
+                               "hidden_cache"})
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "ctc"                # ctc | medusa | hydra | eagle (the baselines share data and loop)
+    num_slots: int = 6               # defaults: the shipped SmolLM2 drafter's recipe (docs/ctc.md)
+    target_tokens: int = 4           # ctc: K tokens per alignment; medusa/hydra: heads; eagle: draft depth
+    intermediate_size: int = 0       # MLP width; 0 = the kind's default (ctc/eagle: the base model's; heads 1024)
+    slot_attention: str = "bidirectional"
+    loss: str = "ctc"
+    draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
+    steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
+    epochs: float = 2.0
+    batch_size: int = 32             # sequences per step
+    anchors_per_sequence: int = 64   # drafts per sequence per step (position subsampling)
+    max_length: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    heldout_every: int = 50          # every 50th sample (by index) is held out
+    eval_every: int = 100
+    eval_samples: int = 16           # held-out samples for the progress bar's acceptance proxy
+    final_eval_samples: int = 64     # held-out samples for the saved acceptance curves
+    checkpoint_every: int = 200
+    seed: int = 0
+    time_limit_s: float = 0.0        # stop early (and still save the drafter) after this long; 0 = no limit
+    max_train_samples: int = 0       # train on a seeded random subset of this many sequences; 0 = all
+    hidden_cache: str = ""           # directory caching base hidden states (fp16) per sequence, shared by runs
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def module_config(config: TrainConfig, model, draft_vocab_size: int) -> CTCConfig | HeadsConfig:
+    """The drafter module's architecture for this base model and training configuration."""
+    hidden_size = model.config.hidden_size
+    base_inner = getattr(model.config, "intermediate_size", 4 * hidden_size)
+    if config.kind == "ctc":
+        return CTCConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
+                           intermediate_size=config.intermediate_size or base_inner,
+                           draft_vocab_size=draft_vocab_size, num_slots=config.num_slots,
+                           target_tokens=config.target_tokens, slot_attention=config.slot_attention,
+                           loss=config.loss)
+    if config.kind not in KINDS:
+        raise CtcspecError(f"unknown drafter kind {config.kind!r}; choose from: {', '.join(KINDS)}")
+    inner = config.intermediate_size or (base_inner if config.kind == "eagle" else 1024)
+    return HeadsConfig(kind=config.kind, hidden_size=hidden_size, draft_vocab_size=draft_vocab_size,
+                       depth=config.target_tokens, intermediate_size=inner,
+                       num_heads=model.config.num_attention_heads)
+
+
+def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train a `config.kind` drafter for `model` on the distilled samples of `data_dirs`; writes it to `out_dir`."""
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    samples = read_data([Path(d) for d in data_dirs])
+    train_set, heldout = split_heldout(samples, config.heldout_every)
+    checkpoint_path = out_dir / CHECKPOINT
+    state = None
+    if resume:
+        if not checkpoint_path.exists():
+            raise CtcspecError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in RESUMABLE_CHANGES and state["train_config"].get(k) != v)
+        if changed:
+            raise CtcspecError(f"--resume with different training options ({', '.join(changed)}); "
+                               "use the original options or a new --out")
+        vocab_ids = state["vocab_ids"]
+    else:
+        vocab_ids = draft_vocabulary(train_set, config.draft_vocab, model.get_output_embeddings().weight.shape[0])
+    cache_dir = open_hidden_cache(Path(config.hidden_cache), model) if config.hidden_cache else None
+    if config.max_train_samples and config.max_train_samples < len(train_set):
+        picks = sorted(random.Random(config.seed).sample(range(len(train_set)), config.max_train_samples))
+        train_set = [train_set[i] for i in picks]  # after the vocabulary, which always sees all the data
+    draft_config = module_config(config, model, len(vocab_ids))
+    torch.manual_seed(config.seed)
+    module = build_module(config.kind, draft_config, vocab_ids, model).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = config.steps or max(1, int(config.epochs * steps_per_epoch))
+    step, elapsed = 0, 0.0
+    if state is not None:
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, config.warmup),
+                                                  last_epoch=step - 1 if step else -1)
+    if state is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    module, optimizer = accelerator.prepare(module, optimizer)
+    inner = accelerator.unwrap_model(module)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process))
+    smoothed, proxy = None, None
+    start = time.perf_counter() - elapsed
+    tokens_seen = 0
+    stopped_early = False
+    while step < total_steps:
+        if config.time_limit_s and time.perf_counter() - start > config.time_limit_s:
+            stopped_early = True
+            break
+        epoch, index = divmod(step, steps_per_epoch)
+        batches = batch_order(train_set, config.batch_size, config.seed, epoch)
+        if index >= len(batches):
+            step += 1
+            continue
+        share = batches[index][rank::world] or batches[index][:1]
+        tokens, lengths, prompt_lens = pad_batch([train_set[i] for i in share], config.max_length, device)
+        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generator)
+        anchors, valid = anchors.to(device), valid.to(device)
+        hidden = batch_hidden(model, [train_set[i] for i in share], tokens, lengths, cache_dir)
+        targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, inner.target_count)
+        loss = module(hidden, tokens, anchors, targets, target_lengths)  # through the wrapper: accelerate syncs
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(lengths.sum())
+        value = loss.item()
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
+        if accelerator.is_main_process and (step % config.eval_every == 0 or step == total_steps):
+            curve = acceptance_curve(inner, model, heldout[:config.eval_samples], budgets=(16,),
+                                     max_length=config.max_length)
+            proxy = 1 + curve[16]
+        if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == total_steps):
+            _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
+                             vocab_ids, config)
+        bar.set_postfix(loss=f"{smoothed:.3f}", beta16="-" if proxy is None else f"{proxy:.2f}")
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = {}
+    if accelerator.is_main_process:
+        curves = final_curves(inner, model, heldout[:config.final_eval_samples], config.max_length)
+        if stopped_early:
+            _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
+                             vocab_ids, config)
+        summary = {"steps": step, "planned_steps": total_steps, "train_seconds": round(seconds, 1),
+                   "train_samples": len(train_set),
+                   "heldout_samples": len(heldout), "train_tokens": sum(len(s["ids"]) for s in train_set),
+                   "device": str(device), "processes": world, "data": [str(d) for d in data_dirs],
+                   "config": asdict(config)}
+        save_drafter(out_dir, inner, describe_base(model),
+                     {"training": summary, "acceptance_curve": {t: {str(b): a for b, a in c.items()}
+                                                                for t, c in curves.items()}})
+        summary["acceptance_curve"] = curves
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def final_curves(module, model, heldout: list[dict], max_length: int) -> dict[str, dict[int, float]]:
+    """The held-out acceptance curve of each of the module's search modes, saved with the drafter. A module
+    that searches step by step pays a forward per node: 16 anchors per sequence and budgets up to 32 keep it quick."""
+    if not module.sequential_search:
+        return {mode: acceptance_curve(module, model, heldout, mode, max_length=max_length)
+                for mode in module.search_modes}
+    return {mode: acceptance_curve(module, model, heldout, mode, budgets=SEARCH_BUDGETS, max_anchors=16,
+                                   max_length=max_length) for mode in module.search_modes}
+
+
+def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, elapsed: float, vocab_ids,
+                     config: TrainConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "elapsed_s": elapsed,
+                "vocab_ids": vocab_ids, "train_config": asdict(config)}, tmp)
+    tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str)
