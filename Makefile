@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
+	rm -rf runs/demo  # a fresh run each time (bench refuses to mix a new run into an old --out)
 	$(VENV)/bin/ctcspec bench --bench builtin --drafters vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup \
 		--max-new-tokens 128 --threads 1 --out runs/demo
 

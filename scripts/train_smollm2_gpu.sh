@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Reproduces the shipped SmolLM2 CTC drafter and the training ablations on one GPU.
+# The GPU training recipe of the SmolLM2 CTC drafter and its training ablations (round 1 of docs/ctc.md;
+# round 2, experiments/train_smollm2_gpu_round2.sh, added more chat data and trained the shipped drafter).
 #   GSM8K_TRAIN=../shared/data/gsm8k/train.jsonl OUT=runs/gpu bash scripts/train_smollm2_gpu.sh
-# Distillation: GSM8K train questions + SELF_INSTRUCT requests written by SmolLM2 itself, answered
-# greedily (256 new tokens). Training: the default drafter for EPOCHS epochs, and one-epoch ablation
-# variants side by side (N slots, K targets, causal slots, cross-entropy loss, full vocabulary).
+# Distillation: GSM8K train questions + the templated requests + SELF_INSTRUCT requests written by SmolLM2
+# itself, answered greedily (256 new tokens). Training: a CTC drafter (N=8, K=6) for EPOCHS epochs, and
+# one-epoch ablation variants side by side (N slots, K targets, causal slots, cross-entropy loss, full
+# vocabulary). Writes to $OUT: ctc/ (the drafter), ablations.json (each variant's training summary and
+# held-out acceptance curves: what docs/ablations/round*.json hold; `ctcspec eval --ablations DIR` prices
+# them), ctc-ce-loss/ (the cross-entropy variant's weights), logs.txt and distilled.tar.gz (the data).
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 WORK=${WORK:-/tmp/ctcspec-gpu}
@@ -18,7 +22,7 @@ DISTILL_LIMIT_S=${DISTILL_LIMIT_S:-240}
 TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}
 mkdir -p "$OUT" "$WORK"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
-ctc() { python -m ctcspec "$@" --device "$DEVICE"; }
+on_device() { python -m ctcspec "$@" --device "$DEVICE"; }
 limit=(); [ -n "$LIMIT" ] && limit=(--limit "$LIMIT")
 
 t0=$(date +%s)
@@ -34,8 +38,8 @@ echo "distill: $((t1 - t0)) s; samples: $(cat "$WORK"/gsm8k/samples.jsonl | wc -
 # round 1 used N=8 slots, K=6 targets, 32 anchors per sequence (the defaults then); variants override them
 common=(--data "$WORK/gsm8k" "$WORK/self" --batch-size "$TRAIN_BATCH" --time-limit-s "$TRAIN_LIMIT_S"
         --num-slots 8 --target-tokens 6 --anchors-per-sequence 32)
-ctc train "${common[@]}" --epochs "$EPOCHS" --out "$OUT/ctc" > "$WORK/train_default.log" 2>&1 &
-abl() { name=$1; shift; ctc train "${common[@]}" --epochs "$ABLATION_EPOCHS" --out "$WORK/abl-$name" "$@" \
+on_device train --kind ctc "${common[@]}" --epochs "$EPOCHS" --out "$OUT/ctc" > "$WORK/train_default.log" 2>&1 &
+abl() { name=$1; shift; on_device train --kind ctc "${common[@]}" --epochs "$ABLATION_EPOCHS" --out "$WORK/abl-$name" "$@" \
           > "$WORK/abl-$name.log" 2>&1; }
 abl n8k6 &
 abl n6k4 --num-slots 6 --target-tokens 4 &
@@ -46,5 +50,24 @@ abl fullvocab --draft-vocab 0 &
 wait
 t2=$(date +%s)
 echo "train: $((t2 - t1)) s"
-bash scripts/gpu_pack_results.sh "$WORK" "$OUT" distilled.tar.gz \
-  gsm8k/samples.jsonl self/samples.jsonl self/self_instruct.jsonl gsm8k/meta.json
+
+# Pack the results into $OUT: the ablations' summaries and curves, the logs, and the distilled data.
+python - "$WORK" "$OUT/ablations.json" <<'PY'
+import json, sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+rows = {}
+for path in sorted(work.glob("abl-*/config.json")):
+    config = json.loads(path.read_text())
+    rows[path.parent.name.removeprefix("abl-")] = {k: config[k] for k in ("draft", "training", "acceptance_curve")}
+out.write_text(json.dumps(rows, indent=2) + "\n")
+print(f"{len(rows)} ablation runs -> {out}")
+PY
+cp -r "$WORK/abl-ce" "$OUT/ctc-ce-loss" 2>/dev/null && rm -f "$OUT/ctc-ce-loss/checkpoint.pt"
+for f in "$WORK"/*.log; do echo "== $f"; tr '\r' '\n' < "$f" | grep -v -E '^(train|distill|self-instruct):'; done \
+  > "$OUT/logs.txt"
+grep -h -E '"(steps|train_seconds|train_tokens)"' "$WORK"/abl-*.log "$WORK"/train_default.log
+(cd "$WORK" && tar czf - gsm8k/samples.jsonl self/samples.jsonl self/self_instruct.jsonl gsm8k/meta.json) \
+  > "$OUT/distilled.tar.gz"
+rm -f "$OUT/ctc/checkpoint.pt"

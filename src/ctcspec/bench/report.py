@@ -5,10 +5,52 @@ recompute beta and gamma), and a PNG plot of speedup and beta per drafter and pe
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
 from ctcspec.bench.summary import HF, per_category, write_report
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in the package's directory, or None when git or the repository is not there."""
+    try:
+        done = subprocess.run(["git", "-C", str(PACKAGE_DIR), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def code_commit() -> str | None:
+    """The commit (git rev-parse HEAD) of the checkout the package runs from; None for an installed copy (the
+    package's own files not tracked by git there) or without git."""
+    if _git("ls-files", "--error-unmatch", "__init__.py") is None:
+        return None
+    return _git("rev-parse", "HEAD")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name, from /proc/cpuinfo where there is one, else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def environment() -> dict:
+    """What made the numbers, for a report's meta: code commit, library versions, CPU and torch threads."""
+    return {"commit": code_commit(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpu_model": cpu_model(), "threads": torch.get_num_threads()}
 
 
 def answer_records(report: dict, model_id: str) -> dict[str, list[dict]]:
@@ -34,15 +76,20 @@ def markdown_report(report: dict, meta: dict) -> str:
              f"({sum(1 for _ in report['turns'].get('vanilla', []))} turns), {meta.get('max_new_tokens')} new tokens, "
              f"greedy, {meta.get('device')} {meta.get('dtype')}, threads {meta.get('threads')}, "
              f"linear kernels {meta.get('kernels', 'plain')} (HF generate: always the stock layers).", "",
+             *([f"Interrupted: {meta.get('n_questions')} of {meta.get('n_questions_planned')} questions done "
+                "(`ctcspec bench ... --resume` continues).", ""] if meta.get("complete") is False else []),
              "β: tokens per base-model forward. γ: mean over turns of tokens/s ÷ the reference's tokens/s. "
-             "Draft %: share of decoding time spent drafting.", "",
-             "| drafter | β | tok/s | γ vs vanilla | (median) | γ vs HF generate | draft % | differ from vanilla |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Time-weighted: total tokens ÷ total seconds, over vanilla's. Draft %: share of decoding time spent "
+             "drafting. Loops: answers ending in a repetition loop.", "",
+             "| drafter | β | tok/s | γ vs vanilla | (median) | time-weighted vs vanilla | γ vs HF generate | draft % "
+             "| differ from vanilla | loops |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in systems.items():
-        vs_hf = f"{s['speedup_vs_' + HF]:.2f}x" if f"speedup_vs_{HF}" in s else "-"
-        lines.append(f"| {name} | {s['beta']:.2f} | {s['tokens_per_s']:.1f} | {s.get('speedup_vs_vanilla', 0):.2f}x | "
-                     f"{s.get('median_speedup_vs_vanilla', 0):.2f}x | {vs_hf} | {100 * s['draft_share']:.1f} | "
-                     f"{s.get('outputs_differing_from_vanilla', '-')} |")
+        cells = [f"{s[k]:.2f}x" if k in s else "-" for k in (
+            "speedup_vs_vanilla", "median_speedup_vs_vanilla", "time_weighted_speedup_vs_vanilla", f"speedup_vs_{HF}")]
+        draft = f"{100 * s['draft_share']:.1f}" if "draft_share" in s else "-"
+        lines.append(f"| {name} | {s['beta']:.2f} | {s['tokens_per_s']:.1f} | {' | '.join(cells)} | {draft} | "
+                     f"{s.get('outputs_differing_from_vanilla', '-')} | {s.get('answers_ending_in_loop', '-')} |")
     categories = sorted({c for rows in cats.values() for c in rows})
     if len(categories) > 1:
         lines += ["", "Per category, β / γ vs vanilla:", "",

@@ -1,21 +1,24 @@
 """Side-by-side benchmark: every drafter and HF `generate` on the same questions, in one run.
 
 For each question turn the systems run one after another (in an order rotated per question, so
-slow drift of the machine does not favour one system), each keeping its own conversation. The
-report gives beta, tokens/s, speedup (mean and median over turns of tokens/s over the reference's
-tokens/s, the paper's gamma) and how many outputs differ from vanilla.
+slow drift of the machine does not favour one system), each keeping its own conversation. Results
+come out question by question as per-turn records (see `TurnRecord.to_dict`), so a caller can save
+each question as soon as it is done; summary.py turns the records into beta, tokens/s, speedups and
+how many outputs differ from vanilla.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 from ctcspec.bench.questions import Question
-from ctcspec.bench.summary import HF, summarize
+from ctcspec.bench.summary import HF, report_of
 from ctcspec.cpu_kernels import plain_linear_layers
 from ctcspec.drafters import Drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
@@ -38,17 +41,21 @@ class TurnRecord:
     def tokens_per_s(self) -> float:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
 
+    def to_dict(self, system: str, text: str) -> dict:
+        """The saved form of one turn (one line of turns.jsonl), JSON-serialisable."""
+        return {"system": system, "question_id": self.question_id, "category": self.category, "turn": self.turn,
+                "new_tokens": len(self.tokens), "steps": self.steps, "seconds": self.seconds,
+                "draft_s": self.draft_s, "verify_s": self.verify_s, "bookkeeping_s": self.bookkeeping_s,
+                "tokens": list(self.tokens), "text": text}
 
-@dataclass
-class SystemRuns:
-    name: str
-    turns: list[TurnRecord] = field(default_factory=list)
+
+def bench_systems(drafter_names: list[str], include_hf: bool = True) -> list[str]:
+    """The systems a bench runs, in report order: the drafters, then HF generate unless left out."""
+    return [*drafter_names, HF] if include_hf else list(drafter_names)
 
 
 def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
     """Stock HF greedy `generate`: on the model's original linear layers even when the engines run packed ones."""
-    from transformers import GenerationConfig
-
     eos = sorted(eos_ids_of(model))
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
                               pad_token_id=eos[0] if eos else 0)
@@ -71,27 +78,47 @@ def run_system(name: str, engines: dict, model, prompt: list[int], max_new_token
     return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
 
 
+def run_question(question: Question, order: list[str], engines: dict, model, tokenizer,
+                 max_new_tokens: int, bar: tqdm) -> list[dict]:
+    """Every system on every turn of one question (systems in `order` within each turn), each with its own
+    conversation; the per-turn records in run order."""
+    history: dict[str, list[dict]] = {n: [] for n in order}
+    records = []
+    for turn_index, turn in enumerate(question.turns):
+        for name in order:
+            history[name].append({"role": "user", "content": turn})
+            record = run_system(name, engines, model, encode_chat(tokenizer, history[name]), max_new_tokens)
+            record.question_id, record.category, record.turn = question.question_id, question.category, turn_index
+            answer = tokenizer.decode(record.tokens, skip_special_tokens=True)
+            records.append(record.to_dict(name, answer))
+            history[name].append({"role": "assistant", "content": answer})
+            bar.update(1)
+    return records
+
+
+def bench_questions(model, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
+                    systems: list[str], start: int = 0, progress: bool = True) -> Iterator[list[dict]]:
+    """Yields the records of questions[start:], one question (all systems, all its turns) at a time. The system
+    order of question i is `systems` rotated by i, whatever `start` is, so a resumed run matches an unbroken one.
+    Nothing runs (not even the warm-up) when no question is left."""
+    todo = questions[start:]
+    if not todo:
+        return
+    engines = {name: SpeculativeEngine(model, drafter) for name, drafter in drafters.items()}
+    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
+    for name in systems:  # first calls pay one-off costs; keep them out of the timings
+        run_system(name, engines, model, warm, 8)
+    units = sum(len(q.turns) for q in todo) * len(systems)
+    with tqdm(total=units, desc="bench", unit="gen", disable=not progress) as bar:
+        for qi, question in enumerate(todo, start=start):
+            order = systems[qi % len(systems):] + systems[: qi % len(systems)]
+            yield run_question(question, order, engines, model, tokenizer, max_new_tokens, bar)
+
+
 def run_bench(model, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
               include_hf: bool = True, progress: bool = True) -> dict:
-    names = [*drafters, HF] if include_hf else list(drafters)
-    engines = {name: SpeculativeEngine(model, drafter) for name, drafter in drafters.items()}
-    runs = {n: SystemRuns(n) for n in names}
-    warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
-    for name in names:  # first calls pay one-off costs; keep them out of the timings
-        run_system(name, engines, model, warm, 8)
-    units = sum(len(q.turns) for q in questions)
-    bar = tqdm(total=units * len(names), desc="bench", unit="gen", disable=not progress)
-    for qi, question in enumerate(questions):
-        order = names[qi % len(names):] + names[: qi % len(names)]
-        history = {n: [] for n in names}
-        for turn_index, turn in enumerate(question.turns):
-            for name in order:
-                history[name].append({"role": "user", "content": turn})
-                record = run_system(name, engines, model, encode_chat(tokenizer, history[name]), max_new_tokens)
-                record.question_id, record.category, record.turn = question.question_id, question.category, turn_index
-                runs[name].turns.append(record)
-                answer = tokenizer.decode(record.tokens, skip_special_tokens=True)
-                history[name].append({"role": "assistant", "content": answer})
-                bar.update(1)
-    bar.close()
-    return summarize(runs, tokenizer)
+    """The whole benchmark in memory: the report ({"systems", "turns"}) of every question."""
+    systems = bench_systems(list(drafters), include_hf)
+    records = [r for rows in bench_questions(model, tokenizer, questions, drafters, max_new_tokens, systems,
+                                             progress=progress) for r in rows]
+    return report_of(records, systems)

@@ -1,51 +1,106 @@
-"""Summaries of a bench run: per system beta, tokens/s and speedups (mean and median over turns of the
-per-turn tokens/s ratio, the paper's gamma), per category, and the plain-text tables the CLI prints."""
+"""Summaries of a bench run, computed from its per-turn records (dicts: question_id, category, turn, new_tokens,
+steps, seconds, text; from a live run also draft_s, verify_s, bookkeeping_s and the token ids): per system beta,
+tokens/s, speedups (mean and median over turns of the per-turn tokens/s ratio, the paper's gamma, and the
+time-weighted ratio of total tokens over total seconds), answers ending in a repetition loop, per category, and
+the plain-text tables the CLI prints."""
 
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ctcspec.bench.run import SystemRuns
+from ctcspec.bench.questions import Question, select_questions
 
 HF = "hf_generate"
+TIMINGS = ("draft_s", "verify_s", "bookkeeping_s")
 
 
-def _ratios(runs: SystemRuns, reference: SystemRuns) -> list[float]:
-    return [a.tokens_per_s / b.tokens_per_s for a, b in zip(runs.turns, reference.turns, strict=True)
-            if b.tokens_per_s > 0]
+def ends_in_loop(text: str, window: int = 300, min_len: int = 8, max_len: int = 100) -> bool:
+    """Whether the text ends in a repetition loop: some tail piece of its last `window` characters, `min_len` to
+    `max_len` - 1 characters long, occurs 3 or more times in that window."""
+    tail = text[-window:]
+    return any(tail.count(tail[-n:]) >= 3 for n in range(min_len, max_len))
 
 
-def summarize(runs: dict[str, SystemRuns], tokenizer) -> dict:
-    reference = runs.get("vanilla")
-    systems = {}
-    for name, r in runs.items():
-        tokens = sum(len(t.tokens) for t in r.turns)
-        steps = sum(t.steps for t in r.turns)
-        decode = sum(t.draft_s + t.verify_s + t.bookkeeping_s for t in r.turns) or 1.0
-        row = {
-            "turns": len(r.turns), "tokens": tokens, "steps": steps,
-            "beta": tokens / steps if steps else 0.0,
-            "tokens_per_s": statistics.mean(t.tokens_per_s for t in r.turns),
-            "draft_share": sum(t.draft_s for t in r.turns) / decode,
-            "bookkeeping_share": sum(t.bookkeeping_s for t in r.turns) / decode,
-        }
-        for ref_name in ("vanilla", HF):
-            if ref_name in runs:
-                ratios = _ratios(r, runs[ref_name])
-                row[f"speedup_vs_{ref_name}"] = statistics.mean(ratios)
-                row[f"median_speedup_vs_{ref_name}"] = statistics.median(ratios)
-        if reference is not None:
-            row["outputs_differing_from_vanilla"] = sum(
-                a.tokens != b.tokens for a, b in zip(r.turns, reference.turns, strict=True))
-        systems[name] = row
-    turns = {name: [{"question_id": t.question_id, "category": t.category, "turn": t.turn,
-                     "new_tokens": len(t.tokens), "steps": t.steps, "seconds": t.seconds,
-                     "text": tokenizer.decode(t.tokens, skip_special_tokens=True)} for t in r.turns]
-             for name, r in runs.items()}
+def tokens_per_s(record: dict) -> float:
+    """One turn's tokens per second (0 for a turn that took no measurable time)."""
+    return record["new_tokens"] / record["seconds"] if record["seconds"] else 0.0
+
+
+def _ratios(records: list[dict], reference: list[dict]) -> list[float]:
+    """Per-turn tokens/s ratios against the reference's same turns (turns where the reference made none skipped)."""
+    return [tokens_per_s(a) / tokens_per_s(b) for a, b in zip(records, reference, strict=True) if tokens_per_s(b) > 0]
+
+
+def _throughput(records: list[dict]) -> float:
+    seconds = sum(r["seconds"] for r in records)
+    return sum(r["new_tokens"] for r in records) / seconds if seconds else 0.0
+
+
+def _output(record: dict):
+    """What two systems' outputs are compared by: the token ids where saved, else the text."""
+    return record.get("tokens", record["text"])
+
+
+def _timing_shares(records: list[dict]) -> dict[str, float]:
+    """Shares of decoding time spent drafting and in bookkeeping; empty for records without the split."""
+    if not all(all(k in r for k in TIMINGS) for r in records):
+        return {}
+    decode = sum(r[k] for r in records for k in TIMINGS) or 1.0
+    return {"draft_share": sum(r["draft_s"] for r in records) / decode,
+            "bookkeeping_share": sum(r["bookkeeping_s"] for r in records) / decode}
+
+
+def summarize_system(records: list[dict], turns: dict[str, list[dict]]) -> dict:
+    """One system's row. Invariants: `records` is not empty, and it and every reference's records in `turns` are
+    the same turns in the same order (zip(strict=True) fails otherwise)."""
+    tokens = sum(r["new_tokens"] for r in records)
+    steps = sum(r["steps"] for r in records)
+    row = {"turns": len(records), "tokens": tokens, "steps": steps, "beta": tokens / steps if steps else 0.0,
+           "tokens_per_s": statistics.mean(tokens_per_s(r) for r in records), **_timing_shares(records)}
+    for ref_name in ("vanilla", HF):
+        ratios = _ratios(records, turns[ref_name]) if ref_name in turns else []
+        if ratios:
+            row[f"speedup_vs_{ref_name}"] = statistics.mean(ratios)
+            row[f"median_speedup_vs_{ref_name}"] = statistics.median(ratios)
+    reference = turns.get("vanilla")
+    if reference is not None:
+        if _throughput(reference):
+            row["time_weighted_speedup_vs_vanilla"] = _throughput(records) / _throughput(reference)
+        row["outputs_differing_from_vanilla"] = sum(
+            _output(a) != _output(b) for a, b in zip(records, reference, strict=True))
+    row["answers_ending_in_loop"] = sum(ends_in_loop(r["text"]) for r in records)
+    return row
+
+
+def summarize_turns(turns: dict[str, list[dict]]) -> dict[str, dict]:
+    """Every system's row, from per-turn records grouped by system (systems in the order given)."""
+    return {name: summarize_system(records, turns) for name, records in turns.items()}
+
+
+def report_of(records: list[dict], systems: list[str]) -> dict:
+    """The report {"systems": rows, "turns": per system its records in run order, without token ids} of a run's
+    records (each with a "system"); the rows compare outputs by token ids."""
+    by_system = {name: [r for r in records if r["system"] == name] for name in systems}
+    lean = {name: [{k: v for k, v in r.items() if k not in ("system", "tokens")} for r in rows]
+            for name, rows in by_system.items()}
+    return {"systems": summarize_turns(by_system), "turns": lean}
+
+
+def subset_report(report: dict, per_category: int | None = None, limit: int | None = None) -> dict:
+    """The report restricted to the first `per_category` questions of each category, then the first `limit`
+    (file order, as `bench --per-category/--limit` picks them), its rows recomputed from the per-turn records.
+    With neither, all questions: the saved rows win (they compared token ids), recomputation fills what an older
+    report lacks."""
+    turns = report["turns"]
+    order = list(dict.fromkeys((r["question_id"], r["category"]) for rows in turns.values() for r in rows))
+    picked = select_questions([Question(qid, cat, ()) for qid, cat in order], per_category, limit)
+    keep = {q.question_id for q in picked}
+    turns = {name: [r for r in rows if r["question_id"] in keep] for name, rows in turns.items()}
+    systems = summarize_turns(turns)
+    if per_category is None and limit is None:
+        systems = {name: {**row, **report["systems"].get(name, {})} for name, row in systems.items()}
     return {"systems": systems, "turns": turns}
 
 
@@ -57,9 +112,8 @@ def _align(rows: list[list[str]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def per_category(report: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """Per system and category: beta and mean speedup vs vanilla, from the saved per-turn records."""
-    turns = report["turns"]
+def per_category_of(turns: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per system and category: beta and mean speedup vs vanilla, from per-turn records grouped by system."""
     reference = turns.get("vanilla")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, records in turns.items():
@@ -69,12 +123,16 @@ def per_category(report: dict) -> dict[str, dict[str, dict[str, float]]]:
         out[name] = {}
         for category, pairs in groups.items():
             row = {"beta": sum(r["new_tokens"] for r, _ in pairs) / max(1, sum(r["steps"] for r, _ in pairs))}
-            ratios = [(r["new_tokens"] / r["seconds"]) / (v["new_tokens"] / v["seconds"])
-                      for r, v in pairs if v is not None and r["seconds"] and v["seconds"] and v["new_tokens"]]
+            ratios = [tokens_per_s(r) / tokens_per_s(v) for r, v in pairs if v is not None and tokens_per_s(v) > 0]
             if ratios:
                 row["speedup_vs_vanilla"] = statistics.mean(ratios)
             out[name][category] = row
     return out
+
+
+def per_category(report: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """per_category_of the report's per-turn records."""
+    return per_category_of(report["turns"])
 
 
 def format_category_table(report: dict) -> str:
@@ -87,19 +145,28 @@ def format_category_table(report: dict) -> str:
     return _align(rows)
 
 
+def _times(s: dict, key: str) -> str:
+    return f"{s[key]:.2f}x" if key in s else "-"
+
+
+def _percent(s: dict, key: str) -> str:
+    return f"{100 * s[key]:.1f}" if key in s else "-"
+
+
 def format_table(report: dict) -> str:
-    systems = report["systems"]
-    header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "vs HF", "(median)", "draft%", "bookkeep%",
-              "differ"]
+    """One row per system; "vs vanilla" is gamma (mean of per-turn ratios), "time-wtd" total tokens over total
+    seconds against vanilla's, "loops" the answers ending in a repetition loop."""
+    header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "time-wtd", "vs HF", "(median)", "draft%",
+              "bookkeep%", "differ", "loops"]
     rows = [header]
-    for name, s in systems.items():
+    for name, s in report["systems"].items():
         rows.append([
             name, f"{s['beta']:.2f}", f"{s['tokens_per_s']:.1f}",
-            *(f"{s[key]:.2f}x" if key in s else "-" for key in (
-                "speedup_vs_vanilla", "median_speedup_vs_vanilla", "speedup_vs_hf_generate",
-                "median_speedup_vs_hf_generate")),
-            f"{100 * s['draft_share']:.1f}", f"{100 * s['bookkeeping_share']:.1f}",
-            str(s.get("outputs_differing_from_vanilla", "-")),
+            *(_times(s, key) for key in (
+                "speedup_vs_vanilla", "median_speedup_vs_vanilla", "time_weighted_speedup_vs_vanilla",
+                "speedup_vs_hf_generate", "median_speedup_vs_hf_generate")),
+            _percent(s, "draft_share"), _percent(s, "bookkeeping_share"),
+            str(s.get("outputs_differing_from_vanilla", "-")), str(s.get("answers_ending_in_loop", "-")),
         ])
     return _align(rows)
 

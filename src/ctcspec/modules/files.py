@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ctcspec.cpu_kernels import linear_kernels_of, pack_draft_module, packing_supported
@@ -26,6 +27,8 @@ FORMAT = "ctcspec-drafter"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 BASE_KEYS = ("architecture", "hidden_size", "vocab_size", "lm_head_sha256")
+TRAINING_KEYS = ("steps", "planned_steps", "train_samples", "heldout_samples", "train_tokens", "train_seconds",
+                 "device", "data")
 
 
 def head_fingerprint(model: torch.nn.Module) -> str:
@@ -65,11 +68,13 @@ def save_drafter(directory: Path, module: torch.nn.Module, base: dict, extra: di
 
 
 def read_config(directory: Path) -> dict:
-    """A drafter's config.json, checked: the format, its version, a known kind and an object for `base`."""
+    """A drafter's config.json, checked: the format, its version, a known kind, objects for `base` and `draft`,
+    and readable acceptance curves."""
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
-        raise CtcspecError(f"drafter directory {str(directory)!r} does not exist")
+        problem = "is a file, not a drafter directory" if directory.exists() else "does not exist"
+        raise CtcspecError(f"drafter directory {str(directory)!r} {problem}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -91,6 +96,14 @@ def read_config(directory: Path) -> dict:
     for key in ("base", "draft"):
         if not isinstance(config.get(key), dict):
             raise CtcspecError(f"{path}: '{key}' must be a JSON object")
+    curves = config.get("acceptance_curve", {})
+    try:  # read later by the drafters: {search mode: {tree budget: mean accepted draft tokens}}
+        for curve in curves.values():
+            for budget, accepted in curve.items():
+                if int(budget) < 1 or not float(accepted) >= 0:
+                    raise ValueError
+    except (AttributeError, TypeError, ValueError):
+        raise CtcspecError(f"{path}: 'acceptance_curve' must map search modes to {{tree budget: accepted}}") from None
     return config
 
 
@@ -146,3 +159,62 @@ def shipped_drafter_dir(model_name: str, kind: str) -> Path | None:
     """The drafter of `kind` shipped in the package for an embedded default model, if any."""
     path = resources.files("ctcspec").joinpath(f"data/drafters/{model_name}-{kind}")
     return Path(str(path)) if path.is_dir() else None
+
+
+def read_weights_header(directory: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (dtype, shape) of a drafter's model.safetensors, from its header alone (no tensor is
+    read); the header must cover the whole file, so a truncated file is an error."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: (weights.get_slice(name).get_dtype(), list(weights.get_slice(name).get_shape()))
+                    for name in weights.keys()}
+    except FileNotFoundError:
+        raise CtcspecError(f"drafter directory {str(directory)!r} has no {WEIGHTS_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CtcspecError(f"{path} is corrupt or truncated ({exc})") from None
+
+
+def read_vocab_ids(directory: Path) -> list[int]:
+    """The draft vocabulary of a saved drafter (base model token ids): the one tensor read from its weights."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return weights.get_tensor("vocab_ids").tolist()
+    except FileNotFoundError:
+        raise CtcspecError(f"drafter directory {str(directory)!r} has no {WEIGHTS_FILE}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CtcspecError(f"{path} is corrupt, truncated or has no vocab_ids ({exc})") from None
+
+
+def _saved_curves(config: dict, where: Path) -> dict[str, dict[int, float]]:
+    """The held-out acceptance curves of a config.json, by search mode: {mode: {tree budget: accepted}}."""
+    curves = config.get("acceptance_curve", {})
+    try:
+        return {str(mode): {int(b): float(a) for b, a in curve.items()} for mode, curve in curves.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CtcspecError(f"{where}: 'acceptance_curve' must map search modes to {{budget: accepted}}") from None
+
+
+def describe_drafter(directory: Path) -> dict:
+    """What a saved drafter holds, from its config.json and its weights' header only (no base model):
+    kind, module config, trained parameter count, draft vocabulary size, bytes on disk (config + weights),
+    the base model it was trained for, its training summary and its held-out acceptance curves."""
+    directory = Path(directory)
+    config = read_config(directory)
+    header = read_weights_header(directory)
+    vocab = header.pop("vocab_ids", None)
+    where = directory / WEIGHTS_FILE
+    if vocab is None or len(vocab[1]) != 1:
+        raise CtcspecError(f"{where}: missing or malformed vocab_ids")
+    if config["draft"].get("draft_vocab_size", vocab[1][0]) != vocab[1][0]:
+        raise CtcspecError(f"{where} does not match its config.json ({vocab[1][0]} draft vocabulary ids, "
+                           f"config says {config['draft'].get('draft_vocab_size')})")
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    return {"path": str(directory), "kind": config["kind"], "draft": config["draft"],
+            "parameters": sum(math.prod(shape) for _, shape in header.values()),
+            "weights_dtype": sorted({dtype for dtype, _ in header.values()}),
+            "draft_vocab_size": vocab[1][0],
+            "size_bytes": sum((directory / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)),
+            "base": config["base"], "training": {k: training[k] for k in TRAINING_KEYS if k in training},
+            "acceptance_curve": _saved_curves(config, directory / CONFIG_FILE)}

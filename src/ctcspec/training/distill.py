@@ -198,11 +198,26 @@ def _clean_instruction(text: str) -> str | None:
     return text if 15 <= len(text) <= 600 else None
 
 
+def _read_instructions(path: Path) -> list[str]:
+    """The requests self_instruct cached so far (a line cut short by an interrupted run is dropped)."""
+    if not path.exists():
+        return []
+    _drop_partial_last_line(path)
+    have = []
+    for lineno, line in enumerate(read_text_file(path, "self-instruct cache").splitlines(), start=1):
+        try:
+            have.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise CtcspecError(f"{path} line {lineno} is corrupt; delete the file to have the requests "
+                               "written again") from None
+    return have
+
+
 def self_instruct(model, tokenizer, count: int, out_dir: Path, batch_size: int = 64, seed: int = 0,
                   progress: bool = True) -> list[Prompt]:
     """Ask the base model for `count` diverse user requests (sampled), cached in DIR/self_instruct.jsonl."""
     path = Path(out_dir) / INSTRUCTIONS_FILE
-    have = [json.loads(line)["text"] for line in path.read_text().splitlines()] if path.exists() else []
+    have = _read_instructions(path)
     rng = random.Random(seed + len(have))
     eos = sorted(eos_ids_of(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -232,7 +247,7 @@ def read_samples(data_dir: Path) -> list[dict]:
     path = Path(data_dir) / SAMPLES_FILE
     if not path.exists():
         raise CtcspecError(f"{str(data_dir)!r} holds no distilled data ({SAMPLES_FILE}); run ctcspec distill first")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path, "distilled data file").splitlines()
     samples = []
     for lineno, line in enumerate(lines, start=1):
         try:
@@ -261,8 +276,13 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     base = describe_base(model)
     meta_path = out_dir / META_FILE
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old.get("base", {}).get("lm_head_sha256") != base["lm_head_sha256"]:
+        try:
+            old = json.loads(read_text_file(meta_path, "distill metadata"))
+        except json.JSONDecodeError:
+            old = None
+        if not isinstance(old, dict) or not isinstance(old.get("base"), dict):
+            raise CtcspecError(f"{meta_path} is corrupt; use a new --out")
+        if old["base"].get("lm_head_sha256") != base["lm_head_sha256"]:
             raise CtcspecError(f"{str(out_dir)!r} holds data distilled from another base model; use a new --out")
     meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
                                     indent=2) + "\n")

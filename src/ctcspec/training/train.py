@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -120,7 +121,14 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     if resume:
         if not checkpoint_path.exists():
             raise CtcspecError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise CtcspecError(f"--resume: {checkpoint_path} is corrupt or truncated ({reason}); "
+                               "start again with a new --out") from None
+        if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
+            raise CtcspecError(f"--resume: {checkpoint_path} is not a ctcspec training checkpoint")
         changed = sorted(k for k, v in asdict(config).items()
                          if k not in RESUMABLE_CHANGES and state["train_config"].get(k) != v)
         if changed:

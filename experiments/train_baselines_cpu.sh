@@ -5,8 +5,10 @@
 # held-out split: the full data lists are passed, in the same order), 3 epochs, batch 16. The base
 # model's hidden states are computed once into a shared cache (fp16, ~0.5 GB), then each drafter
 # trains on them. Parameter counts are kept comparable (4.7-5.7 M).
-#   DATA="runs/gpu1/data/gsm8k runs/gpu2/data/templ2 runs/gpu1/data/self" OUT=runs/cpu bash scripts/train_baselines_cpu.sh
-# (the data directories are what scripts/train_smollm2_gpu*.sh distil; see docs/ctc.md)
+#   DATA="runs/gpu1/data/gsm8k runs/gpu2/data/templ2 runs/gpu1/data/self" OUT=runs/cpu bash experiments/train_baselines_cpu.sh
+# (the data directories are what scripts/train_smollm2_gpu.sh and experiments/train_smollm2_gpu_round2.sh
+# distil; see docs/ctc.md). Compare the results with
+#   ctcspec eval --data $DATA --drafter-path runs/cpu/medusa --drafter-path runs/cpu/hydra ...
 set -euo pipefail
 OUT=${OUT:-runs/cpu}
 DATA=${DATA:?set DATA to the distilled data directories (ctcspec distill outputs)}

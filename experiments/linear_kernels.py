@@ -1,6 +1,6 @@
 """Verification cost curve with stock and with oneDNN-packed linear layers, side by side (docs/kernels.md).
 
-    python scripts/linear_kernels.py [--model smollm2-135m-instruct] [--threads 1] [--rounds 7]
+    python experiments/linear_kernels.py [--model smollm2-135m-instruct] [--threads 1] [--rounds 7]
 
 Prints, per tree size q (root included), the median milliseconds of one verification forward over
 a 256-token context, with the HF model as loaded ("plain") and after `pack_linear_layers`
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).model
+    model = load_model(args.model, kernels="plain").model
     pack_linear_layers(model)
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

@@ -3,7 +3,11 @@
 For each setting: beta, measured tokens/s, and the speedup the verification cost curve predicts
 (tokens / sum of per-step forward costs, in units of a one-token forward), which is free of timing noise.
 
-    python scripts/sweep_lookup.py --questions ../shared/data/vicuna_bench/question.jsonl --limit 8
+    python experiments/sweep_lookup.py --questions ../shared/data/vicuna_bench/question.jsonl --limit 8 \
+        [--kernels auto|packed|plain] [--threads 1]
+
+The defaults in docs/lookup.md were chosen with the stock (`plain`) linear layers, before packed kernels
+made verification cheap; `--kernels auto` (the default, as in ctcspec bench) re-measures with today's.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import json
 
 import torch
 
-from ctcspec.costs import verify_cost_curve
+from ctcspec.bench.questions import load_questions
+from ctcspec.budget import verify_cost_curve
+from ctcspec.cpu_kernels import KERNELS
 from ctcspec.drafters import LookupDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.models import load_model
-from ctcspec.prompts import encode_chat, load_questions
+from ctcspec.prompts import encode_chat
 
 
 class CountingLookup(LookupDrafter):
@@ -38,9 +44,12 @@ def main() -> None:
     ap.add_argument("--questions", required=True)
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--kernels", default="auto", choices=KERNELS, help="base model linear kernels, as in ctcspec bench")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    loaded = load_model()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(kernels=args.kernels)
+    print(f"kernels: {args.kernels}, threads: {args.threads}")
     curve = verify_cost_curve(loaded.model, list(range(1, 33)), context=256, repeats=5)
     rel = {q: t / curve[1] for q, t in curve.items()}
     print("cost curve (relative to q=1):", {q: round(r, 2) for q, r in rel.items()})
