@@ -9,6 +9,7 @@ OUT=${OUT:-docs/results}
 DRAFTERS=${DRAFTERS:-vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup}
 common=(--max-new-tokens 256 --threads 1 --drafters "$DRAFTERS")
 mkdir -p "$OUT" "${LOGS:-runs}"
+rm -rf "$OUT/mt_bench_3pc" "$OUT/gsm8k_50"  # a fresh run replaces the committed one (bench never mixes runs)
 ctcspec bench --bench mt_bench --per-category 3 "${common[@]}" --out "$OUT/mt_bench_3pc" > "${LOGS:-runs}/mt_bench_3pc.log" 2>&1 &
 mt=$!
 gsm_hf=(--no-hf); [ -n "${GSM8K_HF:-}" ] && gsm_hf=()

@@ -471,16 +471,17 @@ def cmd_report(args) -> int:
         meta = report["meta"]
         shown = subset_report(report, args.per_category, args.limit)
         tables = format_table(shown), format_category_table(shown)
+        questions, total, max_new, model, threads = (meta[k] for k in (
+            "questions", "n_questions", "max_new_tokens", "model", "threads"))
     except OSError as exc:
         raise CtcspecError(f"cannot read report {str(args.path)!r}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CtcspecError(f"{str(args.path)!r} is not a ctcspec bench report ({exc!r})") from None
-    count = f"{meta['n_questions']} questions"
+    count = f"{total} questions"
     if args.per_category is not None or args.limit is not None:
         picked = len({r["question_id"] for rows in shown["turns"].values() for r in rows})
         count = f"{picked} of {count} (--per-category {args.per_category}, --limit {args.limit})"
-    print(f"{meta['questions']}: {count}, {meta['max_new_tokens']} new tokens, model {meta['model']}, "
-          f"threads {meta['threads']}")
+    print(f"{questions}: {count}, {max_new} new tokens, model {model}, threads {threads}")
     print(tables[0])
     print()
     print(tables[1])
@@ -643,7 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.INFO, format="ctcspec: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)  # ctcspec's own progress lines only, not other libraries'
+    handler.setFormatter(logging.Formatter("ctcspec: %(message)s"))
+    logger = logging.getLogger("ctcspec")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except CtcspecError as exc:

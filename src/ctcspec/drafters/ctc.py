@@ -12,6 +12,7 @@ import torch
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
 from ctcspec.modules.ctc import CTCModule
+from ctcspec.modules.files import saved_curves
 from ctcspec.modules.layers import ContextCache
 from ctcspec.search import TRANSFORMS, build_tree
 from ctcspec.tree import TokenTree
@@ -37,7 +38,7 @@ class CTCDrafter(Drafter):
     @classmethod
     def from_saved(cls, module: CTCModule, config: dict, transform: str = "beam") -> CTCDrafter:
         """A drafter for a loaded module, with the held-out acceptance curve of its transform."""
-        return cls(module, transform=transform, acceptance_curve=saved_curve(config, transform))
+        return cls(module, transform=transform, acceptance_curve=saved_curves(config).get(transform))
 
     def reset(self) -> None:
         self._cache: ContextCache | None = None
@@ -63,9 +64,3 @@ class CTCDrafter(Drafter):
         nodes = self.module.slot_nodes(log_probs, self.tree_budget, self.transform, request.max_depth,
                                        self.top_k, self.beam_width)
         return build_tree(nodes, self.tree_budget, self._token_of_class)
-
-
-def saved_curve(config: dict, search_mode: str) -> dict[int, float] | None:
-    """The held-out acceptance curve a drafter's config.json holds for one search mode, if any."""
-    curve = config.get("acceptance_curve", {}).get(search_mode)
-    return {int(b): float(a) for b, a in curve.items()} if curve else None

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ctcspec.drafters.base import Drafter, DraftRequest
-from ctcspec.drafters.ctc import saved_curve
 from ctcspec.errors import CtcspecError
+from ctcspec.modules.files import saved_curves
 from ctcspec.modules.heads import HeadsModule
 from ctcspec.search import build_tree, module_nodes
 from ctcspec.tree import TokenTree
@@ -32,7 +32,7 @@ class HeadsDrafter(Drafter):
     def from_saved(cls, module: HeadsModule, config: dict, transform: str = "beam") -> HeadsDrafter:
         """A drafter for a loaded module, with its held-out acceptance curve (`transform` is the CTC
         drafter's option; best-first search is the only way these modules draft)."""
-        return cls(module, acceptance_curve=saved_curve(config, module.search_modes[0]))
+        return cls(module, acceptance_curve=saved_curves(config).get(module.search_modes[0]))
 
     def reset(self) -> None:
         self._context = None

@@ -96,14 +96,9 @@ def read_config(directory: Path) -> dict:
     for key in ("base", "draft"):
         if not isinstance(config.get(key), dict):
             raise CtcspecError(f"{path}: '{key}' must be a JSON object")
-    curves = config.get("acceptance_curve", {})
-    try:  # read later by the drafters: {search mode: {tree budget: mean accepted draft tokens}}
-        for curve in curves.values():
-            for budget, accepted in curve.items():
-                if int(budget) < 1 or not float(accepted) >= 0:
-                    raise ValueError
-    except (AttributeError, TypeError, ValueError):
-        raise CtcspecError(f"{path}: 'acceptance_curve' must map search modes to {{tree budget: accepted}}") from None
+    curves = saved_curves(config, path)
+    if any(b < 1 or not a >= 0 for curve in curves.values() for b, a in curve.items()):
+        raise CtcspecError(f"{path}: 'acceptance_curve' must map search modes to {{tree budget: accepted}}")
     return config
 
 
@@ -149,7 +144,7 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CtcspecError(f"{directory / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
     module.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-    module = module.to(dtype=dtype).eval()
+    module = module.to(device=base_head(model)[0].device, dtype=dtype).eval()  # parameters beside the buffers
     if linear_kernels_of(model) == "packed" and packing_supported(module):
         pack_draft_module(module)  # the drafter runs like its base: packed fp32 on CPU
     return module, config
@@ -187,13 +182,14 @@ def read_vocab_ids(directory: Path) -> list[int]:
         raise CtcspecError(f"{path} is corrupt, truncated or has no vocab_ids ({exc})") from None
 
 
-def _saved_curves(config: dict, where: Path) -> dict[str, dict[int, float]]:
-    """The held-out acceptance curves of a config.json, by search mode: {mode: {tree budget: accepted}}."""
+def saved_curves(config: dict, where: Path | str = CONFIG_FILE) -> dict[str, dict[int, float]]:
+    """The held-out acceptance curves of a config.json, by search mode: {mode: {tree budget: mean accepted
+    draft tokens}} (the one reader of that field)."""
     curves = config.get("acceptance_curve", {})
     try:
         return {str(mode): {int(b): float(a) for b, a in curve.items()} for mode, curve in curves.items()}
     except (AttributeError, TypeError, ValueError):
-        raise CtcspecError(f"{where}: 'acceptance_curve' must map search modes to {{budget: accepted}}") from None
+        raise CtcspecError(f"{where}: 'acceptance_curve' must map search modes to {{tree budget: accepted}}") from None
 
 
 def describe_drafter(directory: Path) -> dict:
@@ -217,4 +213,4 @@ def describe_drafter(directory: Path) -> dict:
             "draft_vocab_size": vocab[1][0],
             "size_bytes": sum((directory / name).stat().st_size for name in (CONFIG_FILE, WEIGHTS_FILE)),
             "base": config["base"], "training": {k: training[k] for k in TRAINING_KEYS if k in training},
-            "acceptance_curve": _saved_curves(config, directory / CONFIG_FILE)}
+            "acceptance_curve": saved_curves(config, directory / CONFIG_FILE)}

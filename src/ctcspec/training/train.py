@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
-from ctcspec.modules.ctc import CTCConfig
+from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, CTCConfig
 from ctcspec.modules.files import describe_base, save_drafter
 from ctcspec.modules.heads import HeadsConfig
 from ctcspec.training.data import (
@@ -74,6 +74,21 @@ class TrainConfig:
     time_limit_s: float = 0.0        # stop early (and still save the drafter) after this long; 0 = no limit
     max_train_samples: int = 0       # train on a seeded random subset of this many sequences; 0 = all
     hidden_cache: str = ""           # directory caching base hidden states (fp16) per sequence, shared by runs
+
+    def __post_init__(self) -> None:
+        """Options that cannot train are user errors, found before the model or data load."""
+        for name in ("num_slots", "target_tokens", "batch_size", "anchors_per_sequence", "max_length", "eval_every",
+                     "eval_samples", "final_eval_samples", "checkpoint_every", "heldout_every"):
+            if getattr(self, name) < 1:
+                raise CtcspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "epochs", "lr", "time_limit_s", "max_train_samples", "draft_vocab", "intermediate_size"):
+            if getattr(self, name) < 0:
+                raise CtcspecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.kind == "ctc" and self.target_tokens > self.num_slots:
+            raise CtcspecError(f"--target-tokens ({self.target_tokens}) must not exceed --num-slots ({self.num_slots})")
+        for name, allowed in (("slot_attention", SLOT_ATTENTION), ("loss", LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise CtcspecError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
