@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean peers
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,23 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+peers: setup
+	# llama.cpp as a peer system for `ctcspec bench` (docs/peers.md); not part of `make test`. llama-cpp-python is
+	# built here from its source release (about 10 min, no prebuilt binaries), and that release's GGUF converter
+	# (convert_hf_to_gguf.py with its conversion/ and gguf-py/) goes to $(VENV)/share/ctcspec/llama.cpp.
+	rm -rf $(VENV)/share/ctcspec/sdist && mkdir -p $(VENV)/share/ctcspec/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/share/ctcspec/sdist llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PY) -m pip install -q --no-binary llama-cpp-python \
+		$(VENV)/share/ctcspec/sdist/llama_cpp_python-0.3.36.tar.gz
+	# The converter imports sentencepiece unconditionally.
+	$(PY) -m pip install -q 'sentencepiece>=0.1.98,<0.3.0'
+	rm -rf $(VENV)/share/ctcspec/llama.cpp && mkdir -p $(VENV)/share/ctcspec/llama.cpp
+	tar -xzf $(VENV)/share/ctcspec/sdist/llama_cpp_python-0.3.36.tar.gz --strip-components=3 \
+		-C $(VENV)/share/ctcspec/llama.cpp llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+	rm -rf $(VENV)/share/ctcspec/sdist
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

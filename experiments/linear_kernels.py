@@ -16,8 +16,8 @@ import time
 from contextlib import nullcontext
 
 import torch
-from transformers import DynamicCache
 
+from ctcspec.backends import HFBackend
 from ctcspec.cpu_kernels import PackedLinear, pack_linear_layers, plain_linear_layers
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
@@ -40,8 +40,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
-    cache = DynamicCache(config=model.config)
-    prefill(model, cache, prompt[:-1])
+    backend = HFBackend(model)
+    cache = backend.new_cache(args.context + max(SIZES))
+    prefill(backend, cache, prompt[:-1])
     seconds = {(kernels, q): [] for kernels in ("plain", "packed") for q in SIZES}
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
         for q in SIZES:
@@ -49,9 +50,9 @@ def main() -> None:
             for kernels in ("plain", "packed"):
                 with plain_linear_layers(model) if kernels == "plain" else nullcontext():
                     start = time.perf_counter()
-                    verify_tree(model, cache, prompt[-1], tree, args.context - 1)
+                    verify_tree(backend, cache, prompt[-1], tree)
                     seconds[kernels, q].append(time.perf_counter() - start)
-                cache.crop(-(len(tree) + 1))
+                backend.keep(cache, args.context - 1, [])
     median = {key: statistics.median(ts[1:]) * 1000 for key, ts in seconds.items()}
     print(f"{args.model}, {args.threads} thread(s), context {args.context}, median of {args.rounds} rounds")
     print("| q (nodes incl. root) | plain ms | plain x q=1 | packed ms | packed x plain q=1 | plain / packed |")

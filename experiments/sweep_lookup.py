@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from ctcspec.backends import make_backend
 from ctcspec.bench.questions import load_questions
 from ctcspec.budget import verify_cost_curve
 from ctcspec.cpu_kernels import KERNELS
@@ -50,7 +51,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(kernels=args.kernels)
     print(f"kernels: {args.kernels}, threads: {args.threads}")
-    curve = verify_cost_curve(loaded.model, list(range(1, 33)), context=256, repeats=5)
+    curve = verify_cost_curve(make_backend(loaded.model), list(range(1, 33)), context=256, repeats=5)
     rel = {q: t / curve[1] for q, t in curve.items()}
     print("cost curve (relative to q=1):", {q: round(r, 2) for q, r in rel.items()})
     print("vanilla is 1.0 by construction; lookup's other settings at their defaults")

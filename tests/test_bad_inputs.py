@@ -7,6 +7,7 @@ cannot run losslessly) are checked on the library.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from ctc_helpers import tiny_module
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import _COMMON, VOCAB, tiny_model
+from conftest import _COMMON, VOCAB, save_tiny_model_dir, tiny_model
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.drafters.vanilla import VanillaDrafter
@@ -77,6 +78,8 @@ def _build_files(root: Path, model_dir: Path) -> SimpleNamespace:
     f.model_missing_tensors = _copy_model(model_dir, root / "model-missing-tensors",
                                           lambda d: _edit_json(d / "config.json", num_hidden_layers=3))
     f.model_no_tokenizer = _copy_model(model_dir, root / "model-no-tokenizer", _remove_tokenizer)
+    save_tiny_model_dir(root / "model-gemma", arch="gemma")
+    f.model_gemma = str(root / "model-gemma")
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     good = root / "drafter"
@@ -162,7 +165,15 @@ CASES = {
         lambda f: _gen(f, "--device", "nonsense"), ("--device 'nonsense'", "not a torch device")),
     "generate: --device cuda:7": (
         lambda f: _gen(f, "--device", "cuda:7"), ("--device cuda:7", "CUDA device")),
+    "generate: --backend static on a Gemma model": (
+        lambda f: _gen(f, "--model", f.model_gemma, "--backend", "static"),
+        ("static backend cannot run this model", "'gemma'", "--backend hf")),
+    "bench: unknown --peers": (
+        lambda f: _bench(f, "--peers", "vllm"), ("--peers", "unknown peer 'vllm'")),
 }
+if importlib.util.find_spec("llama_cpp") is None:  # CI: the peers are a separate `make peers`
+    CASES["bench: --peers llama.cpp without llama-cpp-python"] = (
+        lambda f: _bench(f, "--peers", "llama.cpp"), ("llama-cpp-python", "make peers"))
 if not torch.cuda.is_available():
     CASES["generate: --device cuda (no GPU)"] = (lambda f: _gen(f, "--device", "cuda"), ("--device cuda", "0 CUDA"))
 

@@ -12,6 +12,7 @@ import torch
 from ctc_helpers import tiny_heads_drafter, tiny_heads_module, tiny_module, write_distilled
 
 from conftest import hf_greedy, tiny_model
+from ctcspec.backends import make_backend
 from ctcspec.budget import choose_tree_budget
 from ctcspec.drafters import make_drafter
 from ctcspec.drafters.base import DraftRequest
@@ -98,7 +99,7 @@ def test_training_learns_and_the_drafter_stays_lossless(llama, tmp_path, kind):
     config = json.loads((tmp_path / kind / "config.json").read_text())
     assert config["kind"] == kind and config["parameters"] > 0
     drafter = make_drafter(kind, model=llama, drafter_dir=tmp_path / kind)
-    drafter.tree_budget = choose_tree_budget(drafter, llama)  # from its curve and this machine's costs
+    drafter.tree_budget = choose_tree_budget(drafter, make_backend(llama))  # from its curve and this machine's costs
     assert drafter.tree_budget in summary["acceptance_curve"]["search"]
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)

@@ -1,4 +1,4 @@
-"""Engine steps with hand-built trees: acceptance, positions and the compacted KV cache."""
+"""Engine steps with hand-built trees on every backend: acceptance, positions and the compacted KV cache."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from conftest import hf_greedy, tiny_model
 from ctcspec.accept import accept_longest_path
+from ctcspec.backends import BACKEND_CLASSES
 from ctcspec.engine import speculative_step
 from ctcspec.tree import ROOT, TokenTree
 from ctcspec.verify import prefill
@@ -15,10 +16,10 @@ from ctcspec.verify import prefill
 PROMPT = [5, 17, 42, 8, 91, 33, 7, 60, 12]
 
 
-def start(model, prompt=PROMPT):
+def start(backend, prompt=PROMPT):
     """Cache over prompt[:-1]... as the engine keeps it: everything but the root."""
-    cache = DynamicCache(config=model.config)
-    first = prefill(model, cache, prompt)
+    cache = backend.new_cache(200)
+    first = prefill(backend, cache, prompt)
     return cache, torch.tensor(prompt + first.greedy)
 
 
@@ -29,18 +30,21 @@ def plain_cache(model, tokens: list[int]) -> DynamicCache:
     return cache
 
 
-def assert_cache_equals_plain_forward(model, cache, tokens: list[int]):
-    reference = plain_cache(model, tokens)
-    assert cache.get_seq_length() == len(tokens)
-    for got, want in zip(cache.layers, reference.layers, strict=True):
-        torch.testing.assert_close(got.keys, want.keys, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(got.values, want.values, atol=1e-4, rtol=1e-4)
+def assert_cache_equals_plain_forward(backend, cache, tokens: list[int]):
+    """The compacted cache holds exactly what one HF forward over `tokens` computes."""
+    reference = plain_cache(backend.model, tokens)
+    assert backend.length(cache) == len(tokens)
+    for (keys, values), want in zip(backend.entries(cache), reference.layers, strict=True):
+        torch.testing.assert_close(keys, want.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, want.values, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=[(arch, backend) for arch in ("llama", "qwen2") for backend in BACKEND_CLASSES],
+                ids=lambda p: "-".join(p))
 def model_and_truth(request):
-    model = tiny_model(request.param, seed=3)
-    return model, hf_greedy(model, PROMPT, 40)
+    arch, backend = request.param
+    model = tiny_model(arch, seed=3)
+    return BACKEND_CLASSES[backend](model), hf_greedy(model, PROMPT, 40)
 
 
 def wrong(token: int) -> int:
@@ -58,25 +62,25 @@ def test_accept_longest_path_walks_greedy_children():
 
 
 def test_no_draft_accepted_gives_one_token(model_and_truth):
-    model, truth = model_and_truth
-    cache, tokens = start(model)
+    backend, truth = model_and_truth
+    cache, tokens = start(backend)
     tree = TokenTree.from_sequences([[wrong(truth[1])], [wrong(truth[1]) + 1, truth[2]]])
-    step = speculative_step(model, cache, tokens, tree)
+    step = speculative_step(backend, cache, tokens, tree)
     assert step.tokens == [truth[1]] and step.path == [0]
-    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:1])
+    assert_cache_equals_plain_forward(backend, cache, PROMPT + truth[:1])
 
 
 def test_whole_deep_chain_accepted(model_and_truth):
-    model, truth = model_and_truth
-    cache, tokens = start(model)
-    step = speculative_step(model, cache, tokens, TokenTree.chain(truth[1:13]))
+    backend, truth = model_and_truth
+    cache, tokens = start(backend)
+    step = speculative_step(backend, cache, tokens, TokenTree.chain(truth[1:13]))
     assert step.tokens == truth[1:14]
-    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:13])
+    assert_cache_equals_plain_forward(backend, cache, PROMPT + truth[:13])
 
 
 def test_branching_tree_accepts_the_right_branch(model_and_truth):
-    model, truth = model_and_truth
-    cache, tokens = start(model)
+    backend, truth = model_and_truth
+    cache, tokens = start(backend)
     # The correct branch is inserted last, so its nodes are not a contiguous prefix of the tree.
     tree = TokenTree.from_sequences([
         [wrong(truth[1]), truth[2], truth[3]],
@@ -84,25 +88,25 @@ def test_branching_tree_accepts_the_right_branch(model_and_truth):
         [truth[1], truth[2], wrong(truth[3]), truth[4]],
         [truth[1], truth[2], truth[3], truth[4]],
     ])
-    step = speculative_step(model, cache, tokens, tree)
+    step = speculative_step(backend, cache, tokens, tree)
     assert step.tokens == truth[1:6]
     assert step.path != list(range(len(step.path)))
-    assert_cache_equals_plain_forward(model, cache, PROMPT + truth[:5])
+    assert_cache_equals_plain_forward(backend, cache, PROMPT + truth[:5])
 
 
 def test_duplicate_prefixes_are_verified_once(model_and_truth):
-    model, truth = model_and_truth
+    backend, truth = model_and_truth
     raw = TokenTree((truth[1], truth[1], truth[2], truth[2], truth[3]), (ROOT, ROOT, 0, 1, 3))
     tree = raw.deduplicated()
     assert len(tree) == 3
-    cache, tokens = start(model)
-    step = speculative_step(model, cache, tokens, tree)
+    cache, tokens = start(backend)
+    step = speculative_step(backend, cache, tokens, tree)
     assert step.tokens == truth[1:5]
 
 
 def test_cache_after_many_mixed_steps_equals_one_plain_forward(model_and_truth):
-    model, truth = model_and_truth
-    cache, tokens = start(model)
+    backend, truth = model_and_truth
+    cache, tokens = start(backend)
     produced = tokens.tolist()
     gen = torch.Generator().manual_seed(0)
     while len(produced) - len(PROMPT) < 30:
@@ -110,10 +114,10 @@ def test_cache_after_many_mixed_steps_equals_one_plain_forward(model_and_truth):
         right = truth[done: done + int(torch.randint(0, 5, (1,), generator=gen))]
         noise = torch.randint(0, 96, (3,), generator=gen).tolist()
         tree = TokenTree.from_sequences([noise, right + noise[:1], right[:1] + [wrong(t) for t in right[1:]]])
-        step = speculative_step(model, cache, torch.tensor(produced), tree)
+        step = speculative_step(backend, cache, torch.tensor(produced), tree)
         produced += step.tokens
     assert produced[len(PROMPT):] == truth[: len(produced) - len(PROMPT)]
-    assert_cache_equals_plain_forward(model, cache, produced[:-1])
+    assert_cache_equals_plain_forward(backend, cache, produced[:-1])
 
 
 class HiddenRecorder:
@@ -137,9 +141,10 @@ class HiddenRecorder:
 def test_drafters_get_the_hidden_states_of_exactly_the_accepted_positions(model_and_truth):
     from ctcspec.engine import SpeculativeEngine
 
-    model, truth = model_and_truth
+    backend, truth = model_and_truth
+    model = backend.model
     recorder = HiddenRecorder(truth)
-    result = SpeculativeEngine(model, recorder).generate(PROMPT, 12)
+    result = SpeculativeEngine(model, recorder, backend=backend).generate(PROMPT, 12)
     assert result.tokens == truth[:12]
     sequence = PROMPT + result.tokens
     with torch.inference_mode():

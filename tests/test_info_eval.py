@@ -13,6 +13,7 @@ from ctc_helpers import tiny_heads_module, tiny_module, write_distilled
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from ctcspec.backends import make_backend
 from ctcspec.budget import COST_SIZES, BudgetPlan, cost_cache_path, expected_rate
 from ctcspec.cli import main
 from ctcspec.models import load_model
@@ -42,7 +43,7 @@ def tiny_setup(tiny_model_dir, tmp_path_factory):
                  {"training": {"steps": 5}}, dtype=torch.float32)
     save_drafter(root / "medusa", tiny_heads_module(model, "medusa", vocab=48, depth=3), base, dtype=torch.float32)
     write_distilled(model, root / "data", count=60, answer_len=20)
-    cost = cost_cache_path(load_model(str(tiny_model_dir), kernels="plain").model, COST_SIZES)
+    cost = cost_cache_path(make_backend(load_model(str(tiny_model_dir), kernels="plain").model), COST_SIZES)
     cost.parent.mkdir(parents=True, exist_ok=True)  # a known cost curve: no timing run, exact predictions
     cost.write_text(json.dumps(COST))
     return model, root

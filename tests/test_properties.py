@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from ctcspec.accept import accept_longest_path, compact_cache
+from ctcspec.accept import accept_longest_path
+from ctcspec.backends.hf import compact_cache
 from ctcspec.tree import ROOT, TokenTree
 from ctcspec.verify import node_parents
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy
+from ctcspec.backends import make_backend
 from ctcspec.budget import COST_SIZES, budget_plan, choose_tree_budget, cost_cache_path
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
@@ -80,9 +81,10 @@ def test_shipped_drafters_are_small_and_choose_a_budget_that_beats_plain_decodin
     directory = shipped_drafter_dir(DEFAULT_MODEL, kind)
     assert sum(f.stat().st_size for f in directory.iterdir()) < 30e6
     drafter = shipped(kind, smollm2.model)
-    choice = choose_tree_budget(drafter, smollm2.model)
-    assert cost_cache_path(smollm2.model, COST_SIZES).is_file()  # measured once, cached
-    plan = budget_plan(drafter, smollm2.model)
+    backend = make_backend(smollm2.model)
+    choice = choose_tree_budget(drafter, backend)
+    assert cost_cache_path(backend, COST_SIZES).is_file()  # measured once, cached
+    plan = budget_plan(drafter, backend)
     assert choice in drafter.acceptance_curve
     # the choice is worth drafting for: more tokens per second than plain decoding predicts (1 / cost of q=1)
     assert plan.rate(choice) > 1.0 / plan.cost[1]

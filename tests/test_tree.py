@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from ctcspec.backends.hf import tree_attention_mask
 from ctcspec.tree import ROOT, TokenTree
-from ctcspec.verify import node_parents, tree_attention_mask
+from ctcspec.verify import node_parents
 
 
 def test_from_sequences_merges_shared_prefixes():

@@ -2,10 +2,10 @@
 
 Verification is not free on a CPU (REFERENCE.md section 5), so the budget is chosen against this
 machine's verification cost curve (time of one base forward over q tree nodes), measured once per
-model, device, dtype, kernels and thread count and cached under $CTCSPEC_HOME/costs, together with
-the drafter's held-out acceptance curve and its own drafting time per budget:
+model, backend, device, dtype, kernels and thread count and cached under $CTCSPEC_HOME/costs,
+together with the drafter's held-out acceptance curve and its own drafting time per budget:
 
-    drafter.tree_budget = choose_tree_budget(drafter, model)
+    drafter.tree_budget = choose_tree_budget(drafter, backend)
 
 `AdaptiveBudget` re-chooses the budget during each generation from the acceptance the engine reports.
 Nothing here runs unless called: building a drafter never measures anything.
@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from ctcspec.cpu_kernels import linear_kernels_of
+from ctcspec.backends import Backend
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.models import ctcspec_home
 from ctcspec.tree import TokenTree
@@ -37,47 +36,48 @@ COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 @torch.inference_mode()
-def verify_cost_curve(model: torch.nn.Module, sizes: list[int], context: int = 256, repeats: int = 5,
+def verify_cost_curve(backend: Backend, sizes: list[int], context: int = 256, repeats: int = 5,
                       seed: int = 0) -> dict[int, float]:
     """Median seconds of one verification forward over q = size nodes (root included), per size.
 
     Sizes are measured interleaved, round by round, so drift of the machine spreads evenly.
     """
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
+    vocab = backend.model.config.vocab_size
     prompt = torch.randint(0, vocab, (context,), generator=gen).tolist()
-    cache = DynamicCache(config=model.config)
-    prefill(model, cache, prompt[:-1])  # the engine's invariant: the root is not cached yet
+    cache = backend.new_cache(context + max(sizes))
+    prefill(backend, cache, prompt[:-1])  # the engine's invariant: the root is not cached yet
     timings: dict[int, list[float]] = {q: [] for q in sizes}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for q in sizes:
             siblings = torch.randperm(vocab, generator=gen)[:q - 1]  # distinct, so the tree really has q - 1 nodes
             tree = TokenTree.from_sequences([[int(t)] for t in siblings])
             start = time.perf_counter()
-            verify_tree(model, cache, prompt[-1], tree, context - 1)
+            verify_tree(backend, cache, prompt[-1], tree)
             timings[q].append(time.perf_counter() - start)
-            cache.crop(-(len(tree) + 1))  # drop what the forward appended: back to the context alone
+            backend.keep(cache, context - 1, [])  # drop what the forward appended: back to the context alone
     return {q: statistics.median(ts[1:]) for q, ts in timings.items()}
 
 
-def cost_cache_path(model: torch.nn.Module, sizes: tuple[int, ...]):
+def cost_cache_path(backend: Backend, sizes: tuple[int, ...]):
+    model = backend.model
     key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
-                      "dtype": str(model.dtype), "kernels": linear_kernels_of(model),
+                      "dtype": str(model.dtype), **backend.describe(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "sizes": list(sizes)}, sort_keys=True)
     return ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def machine_cost_curve(model: torch.nn.Module, sizes: tuple[int, ...] = COST_SIZES) -> dict[int, float]:
-    """`verify_cost_curve` for this model, device, dtype, kernels and thread count: measured once (a few
-    seconds), then read from $CTCSPEC_HOME/costs. The cache file is written whole or not at all."""
-    path = cost_cache_path(model, sizes)
+def machine_cost_curve(backend: Backend, sizes: tuple[int, ...] = COST_SIZES) -> dict[int, float]:
+    """`verify_cost_curve` for this model, backend, device, dtype, kernels and thread count: measured once (a
+    few seconds), then read from $CTCSPEC_HOME/costs. The cache file is written whole or not at all."""
+    path = cost_cache_path(backend, sizes)
     try:
         return {int(q): float(s) for q, s in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         pass
     log.info("measuring this machine's verification cost curve once (a few seconds)")
-    curve = verify_cost_curve(model, list(sizes))
+    curve = verify_cost_curve(backend, list(sizes))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         json.dump(curve, tmp)
@@ -141,19 +141,19 @@ class BudgetPlan:
         return max(self.acceptance, key=lambda b: self.rate(b, scale))
 
 
-def budget_plan(drafter: Drafter, model: torch.nn.Module) -> BudgetPlan | None:
+def budget_plan(drafter: Drafter, backend: Backend) -> BudgetPlan | None:
     """Measure (or read the cached) costs a budget choice needs; None for drafters without an acceptance curve."""
     if not drafter.acceptance_curve:
         return None
     budgets = sorted(drafter.acceptance_curve)
-    return BudgetPlan(dict(drafter.acceptance_curve), machine_cost_curve(model),
-                      drafting_cost_curve(drafter, model, budgets))
+    return BudgetPlan(dict(drafter.acceptance_curve), machine_cost_curve(backend),
+                      drafting_cost_curve(drafter, backend.model, budgets))
 
 
-def choose_tree_budget(drafter: Drafter, model: torch.nn.Module) -> int:
+def choose_tree_budget(drafter: Drafter, backend: Backend) -> int:
     """The tree budget maximising expected tokens per second for this drafter on this machine; the drafter's
     own budget when it has no held-out acceptance curve (lookup, or a drafter saved without curves)."""
-    plan = budget_plan(drafter, model)
+    plan = budget_plan(drafter, backend)
     if plan is None:
         return drafter.tree_budget
     choice = plan.best()

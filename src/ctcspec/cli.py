@@ -17,15 +17,17 @@ from pathlib import Path
 import torch
 
 from ctcspec import __version__
+from ctcspec.backends import BACKENDS, Backend, make_backend
+from ctcspec.bench.peers import PEERS, PRECISIONS, import_llama_cpp, make_peer
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, write_outputs
-from ctcspec.bench.run import bench_questions, bench_systems
+from ctcspec.bench.run import bench_questions, bench_systems, system_runners
 from ctcspec.bench.store import BenchStore
 from ctcspec.bench.summary import format_category_table, format_table, read_report, subset_report
 from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
-from ctcspec.cpu_kernels import KERNELS, linear_kernels_of
+from ctcspec.cpu_kernels import KERNELS
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
-from ctcspec.engine import SpeculativeEngine
+from ctcspec.engine import SpeculativeEngine, eos_ids_of
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctcspec.modules import KINDS
@@ -72,6 +74,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="base-model runtime: static = a lean Llama-family forward on a preallocated cache; hf = the "
+                        "model's own transformers forward (any supported model); auto (default) = static where it "
+                        "applies")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
@@ -196,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drafter_args(bench)
     bench.add_argument("--max-new-tokens", type=positive_int, default=256)
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    bench.add_argument("--peers", type=peer_list, default=[],
+                       help=f"comma-separated peer systems run side by side on the same prompt ids and threads, from: "
+                            f"{', '.join(PEERS)}; 'llama.cpp' alone runs both (needs `make peers`, docs/peers.md)")
+    bench.add_argument("--peer-precision", default="f32", choices=PRECISIONS,
+                       help="weights of the peers' GGUF, converted from --model once (default: f32, as the base)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"),
                        help="output directory: turns.jsonl (every turn, saved question by question), run.json (the "
                             "settings), report.md, report.json, plot.png, answers/<drafter>.jsonl (default: "
@@ -273,6 +284,12 @@ def _load(args) -> LoadedModel:
     return load_model(args.model, device=args.device, dtype=args.dtype, kernels=getattr(args, "kernels", "plain"))
 
 
+def _load_backend(args) -> tuple[LoadedModel, Backend]:
+    """The model, and the --backend that runs it."""
+    loaded = _load(args)
+    return loaded, make_backend(loaded.model, args.backend)
+
+
 def _read_prompt(args) -> str:
     return args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
 
@@ -309,22 +326,22 @@ def drafter_dirs(args) -> dict[str, Path]:
     return dirs
 
 
-def build_drafter(name: str, args, model, dirs: dict[str, Path]) -> Drafter:
+def build_drafter(name: str, args, backend: Backend, dirs: dict[str, Path]) -> Drafter:
     """The named drafter with its tree budget settled: --tree-budget, else chosen for this machine (the
     budget step), and wrapped in an adaptive budget with --adaptive-budget."""
     kind = MODULE_KIND.get(name)
     if kind is not None and kind not in dirs:
         raise CtcspecError(f"the {name} drafter needs a trained {kind} drafter: pass --drafter-path DIR "
                            f"(train one with ctcspec distill + ctcspec train --kind {kind})")
-    drafter = make_drafter(name, model, dirs.get(kind), transform=args.transform)
+    drafter = make_drafter(name, backend.model, dirs.get(kind), transform=args.transform)
     if kind is None:
         return drafter
     if args.tree_budget is not None:
         drafter.tree_budget = args.tree_budget
     else:
-        drafter.tree_budget = choose_tree_budget(drafter, model)
+        drafter.tree_budget = choose_tree_budget(drafter, backend)
     if args.adaptive_budget:
-        plan = budget_plan(drafter, model)
+        plan = budget_plan(drafter, backend)
         if plan is None:
             raise CtcspecError(f"--adaptive-budget needs a {name} drafter whose config.json holds acceptance curves")
         drafter = AdaptiveBudget(drafter, plan)
@@ -343,10 +360,10 @@ def cmd_generate(args) -> int:
     text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
     dirs = drafter_dirs(args)
     name = check_drafter_name(args.drafter or default_drafter(args, dirs))
-    loaded = _load(args)
-    drafter = build_drafter(name, args, loaded.model, dirs)
+    loaded, backend = _load_backend(args)
+    drafter = build_drafter(name, args, backend, dirs)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
-    engine = SpeculativeEngine(loaded.model, drafter)
+    engine = SpeculativeEngine(loaded.model, drafter, backend=backend)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
     result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer)
     stats = result.stats
@@ -374,6 +391,23 @@ def bench_drafter_names(args, dirs: dict[str, Path]) -> list[str]:
     return names if "vanilla" in names else ["vanilla", *names]
 
 
+def peer_list(text: str) -> list[str]:
+    """--peers: names from PEERS; the bare family name 'llama.cpp' means every llama.cpp peer."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["llama.cpp"]:
+        return list(PEERS)
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    return list(dict.fromkeys(names))
+
+
+def build_peers(args, loaded: LoadedModel) -> dict:
+    threads = args.threads or torch.get_num_threads()
+    return {name: make_peer(name, loaded.path, threads, eos_ids_of(loaded.model), args.peer_precision,
+                            tokenizer=loaded.tokenizer) for name in args.peers}
+
+
 def _abspath(path) -> str:
     """An existing path made absolute (so a resume from another directory compares equal); anything else as given."""
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
@@ -387,7 +421,8 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path]) -> dict:
             "limit": args.limit, "systems": systems, "max_new_tokens": args.max_new_tokens,
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
-            "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "threads": args.threads}
+            "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
+            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -411,18 +446,22 @@ def cmd_bench(args) -> int:
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
-    systems = bench_systems(names, include_hf=not args.no_hf)
+    systems = bench_systems(names, include_hf=not args.no_hf, peers=args.peers)
+    if args.peers:
+        import_llama_cpp()  # before loading anything: say what is missing
     store = BenchStore.open(args.out, bench_settings(args, systems, dirs), questions, systems, resume=args.resume)
-    loaded = _load(args)
-    drafters = {name: build_drafter(name, args, loaded.model, dirs) for name in names}
+    loaded, backend = _load_backend(args)
+    drafters = {name: build_drafter(name, args, backend, dirs) for name in names}
+    runners = system_runners(backend, drafters, build_peers(args, loaded))
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
             "command": "ctcspec " + " ".join(sys.argv[1:]), "max_new_tokens": args.max_new_tokens,
-            "device": args.device, "dtype": args.dtype, **environment(), "kernels": linear_kernels_of(loaded.model),
+            "device": args.device, "dtype": args.dtype, **environment(), **backend.describe(),
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
-            "drafter_settings": {n: d.settings() for n, d in drafters.items()}}
+            "drafter_settings": {n: d.settings() for n, d in drafters.items()},
+            **({"peer_precision": args.peer_precision} if args.peers else {})}
     try:
-        for records in bench_questions(loaded.model, loaded.tokenizer, questions, drafters, args.max_new_tokens,
-                                       systems, start=store.n_done):
+        for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
+                                       start=store.n_done):
             store.append(records)
     except KeyboardInterrupt:
         write_bench_outputs(store, meta)
@@ -590,12 +629,12 @@ def eval_drafter_dirs(args) -> dict[str, Path]:
     return {(p.name if names.count(p.name) == 1 else str(p)): p for p in paths}
 
 
-def _finish_eval(args, model, cost: dict[int, float], rows: list[EvalRow]) -> int:
+def _finish_eval(args, backend: Backend, cost: dict[int, float], rows: list[EvalRow]) -> int:
     print(format_cost_curve(cost))
     print()
     print(format_eval_table(rows, args.budgets))
     if args.json:
-        record = {"model": args.model, "kernels": linear_kernels_of(model), "threads": torch.get_num_threads(),
+        record = {"model": args.model, **backend.describe(), "threads": torch.get_num_threads(),
                   "budgets": list(args.budgets), "cost_curve": cost, "rows": [row.to_dict() for row in rows]}
         try:
             args.json.write_text(json.dumps(record, indent=2) + "\n")
@@ -612,10 +651,10 @@ def _eval_ablations(args, dirs: dict[str, Path]) -> int:
                            "DIR of a CTC drafter for --model")
     shipped = shipped_drafter_dir(args.model, "ctc") if args.model == DEFAULT_MODEL else None
     runs = read_ablations(args.ablations, {"shipped": read_config(shipped)} if shipped else None)
-    loaded = _load(args)
-    cost = machine_cost_curve(loaded.model)
+    loaded, backend = _load_backend(args)
+    cost = machine_cost_curve(backend)
     draft_cost = drafting_cost_curve(make_drafter("ctc", loaded.model, ctc), loaded.model, list(args.budgets))
-    return _finish_eval(args, loaded.model, cost, ablation_rows(runs, args.transforms, args.budgets, cost, draft_cost))
+    return _finish_eval(args, backend, cost, ablation_rows(runs, args.transforms, args.budgets, cost, draft_cost))
 
 
 def cmd_eval(args) -> int:
@@ -625,13 +664,13 @@ def cmd_eval(args) -> int:
     if not dirs:
         raise CtcspecError("give --drafter-path DIR (repeat it to compare several drafters)")
     heldout = heldout_samples(args.data, args.samples)
-    loaded = _load(args)
-    cost = machine_cost_curve(loaded.model)
+    loaded, backend = _load_backend(args)
+    cost = machine_cost_curve(backend)
     rows = []
     for label, path in dirs.items():
         rows += evaluate_drafter(path, loaded.model, heldout, args.transforms, args.budgets, cost, label, args.anchors)
         print(f"{label}: measured on {len(heldout)} held-out sequences", file=sys.stderr)
-    return _finish_eval(args, loaded.model, cost, rows)
+    return _finish_eval(args, backend, cost, rows)
 
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,

@@ -12,10 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ctcspec.accept import accept_longest_path, compact_cache
+from ctcspec.accept import accept_longest_path
+from ctcspec.backends import Backend, make_backend
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
@@ -75,50 +74,18 @@ class StepOutcome:
     verify_s: float                # time of the base forward alone
 
 
-def speculative_step(model: torch.nn.Module, cache: DynamicCache, tokens: torch.Tensor, tree: TokenTree,
+def speculative_step(backend: Backend, cache, tokens: torch.Tensor, tree: TokenTree,
                      want_hidden: bool = False) -> StepOutcome:
     """One verify-and-accept step. `cache` holds tokens[:-1]; afterwards it holds the accepted path too."""
     past_len = len(tokens) - 1
     root = int(tokens[-1])
     start = time.perf_counter()
-    verified = verify_tree(model, cache, root, tree, past_len, want_hidden=want_hidden)
+    verified = verify_tree(backend, cache, root, tree, want_hidden=want_hidden)
     verify_s = time.perf_counter() - start
     accepted = accept_longest_path([root, *tree.tokens], node_parents(tree), verified.greedy)
-    compact_cache(cache, past_len, accepted.path)
+    backend.keep(cache, past_len, accepted.path)
     hidden = verified.hidden[accepted.path] if want_hidden else None
     return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
-
-
-COMPACTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # caches accept.compact_cache can cut to a path
-MASKED_ATTENTION = ("eager", "sdpa")  # attention implementations that read an additive 4D float mask
-
-
-def check_supported(model: torch.nn.Module) -> None:
-    """Refuse, with a clear error, a model whose verification could not be exact: a cache with layers that
-    cannot be compacted to the accepted path (linear-attention or recurrent state, indexed caches), chunked
-    attention, or an attention implementation that ignores a 4D tree mask."""
-    attention = getattr(model.config, "_attn_implementation", None)
-    if attention not in MASKED_ATTENTION:
-        raise CtcspecError(f"attention implementation {attention!r} cannot take a tree attention mask; "
-                           f"load the model with attn_implementation one of {', '.join(MASKED_ATTENTION)}")
-    layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
-    if "chunked_attention" in layer_types:
-        raise CtcspecError("models with chunked attention are not supported: the engine's tree mask assumes "
-                           "full or sliding-window attention")
-    for layer in DynamicCache(config=model.config).layers:
-        if type(layer) not in COMPACTABLE_LAYERS:
-            raise CtcspecError(f"this model's cache has {type(layer).__name__} layers (linear attention, recurrent "
-                               "state or an indexed cache), which speculative decoding cannot roll back to the "
-                               "accepted path; it is not supported")
-
-
-def cache_capacity(cache: DynamicCache, max_context: int) -> tuple[int, str]:
-    """Entries the cache may hold, and what limits it: sliding-window layers must never drop a key the tree
-    might need."""
-    windows = [layer.sliding_window for layer in cache.layers if getattr(layer, "is_sliding", False)]
-    if windows and min(windows) - 1 < max_context:
-        return min(windows) - 1, f"the model's sliding window of {min(windows)} tokens holds {min(windows) - 1}"
-    return max_context, f"the model's context holds {max_context}"
 
 
 def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> None:
@@ -130,11 +97,13 @@ def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> No
 
 
 class SpeculativeEngine:
-    """Greedy speculative decoding of one sequence with any `Drafter`."""
+    """Greedy speculative decoding of one sequence with any `Drafter`, on any `Backend` (default: the best
+    one for `model`, see backends.make_backend)."""
 
     def __init__(self, model: torch.nn.Module, drafter: Drafter, max_context: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None, max_tree_budget: int = 64):
-        check_supported(model)
+                 eos_token_ids: Sequence[int] | None = None, max_tree_budget: int = 64,
+                 backend: Backend | None = None):
+        self.backend = backend or make_backend(model)
         self.model = model
         self.drafter = drafter
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -153,15 +122,15 @@ class SpeculativeEngine:
         if max_new_tokens <= 0:
             stats.stop_reason = "max_new_tokens"
             return result
-        cache = DynamicCache(config=self.model.config)
-        max_context, limit = cache_capacity(cache, self.max_context)
+        max_context, limit = self.backend.capacity(self.max_context)
         if len(prompt) >= max_context:
             raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
         token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
+        cache = self.backend.new_cache(min(max_context, len(prompt) + token_limit + self.max_tree_budget + 1))
         hidden = self.drafter.needs_hidden_states
         start = time.perf_counter()
         self.drafter.reset()
-        first = prefill(self.model, cache, prompt, want_hidden=hidden)
+        first = prefill(self.backend, cache, prompt, want_hidden=hidden)
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
         tokens = torch.tensor(prompt + first.greedy)
@@ -177,7 +146,7 @@ class SpeculativeEngine:
             tree = tree.truncated(min(self.max_tree_budget, room), room)  # also merges duplicate prefixes
             check_tree_tokens(tree, self.vocab_size, self.drafter.name)
             t2 = time.perf_counter()
-            step = speculative_step(self.model, cache, tokens, tree, want_hidden=hidden)
+            step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden)
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])

@@ -1,7 +1,9 @@
 """Side-by-side benchmark: every drafter and HF `generate` on the same questions, in one run.
 
-For each question turn the systems run one after another (in an order rotated per question, so
-slow drift of the machine does not favour one system), each keeping its own conversation. Results
+The systems are ctcspec engines (one per drafter), HF `generate` and, optionally, peer systems
+(llama.cpp, bench/peers.py), each behind one `Runner`. For each question turn the systems run one
+after another (in an order rotated per question, so slow drift of the machine does not favour one
+system), each keeping its own conversation. Results
 come out question by question as per-turn records (see `TurnRecord.to_dict`), so a caller can save
 each question as soon as it is done; summary.py turns the records into beta, tokens/s, speedups and
 how many outputs differ from vanilla.
@@ -10,13 +12,14 @@ how many outputs differ from vanilla.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from ctcspec.backends import Backend
 from ctcspec.bench.questions import Question
 from ctcspec.bench.summary import HF, report_of
 from ctcspec.cpu_kernels import plain_linear_layers
@@ -49,9 +52,9 @@ class TurnRecord:
                 "tokens": list(self.tokens), "text": text}
 
 
-def bench_systems(drafter_names: list[str], include_hf: bool = True) -> list[str]:
-    """The systems a bench runs, in report order: the drafters, then HF generate unless left out."""
-    return [*drafter_names, HF] if include_hf else list(drafter_names)
+def bench_systems(drafter_names: list[str], include_hf: bool = True, peers: Sequence[str] = ()) -> list[str]:
+    """The systems a bench runs, in report order: the drafters, HF generate unless left out, then the peers."""
+    return [*drafter_names, *([HF] if include_hf else []), *peers]
 
 
 def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
@@ -70,15 +73,35 @@ def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
     return TurnRecord("", "", 0, tokens, len(tokens), seconds, verify_s=seconds)
 
 
-def run_system(name: str, engines: dict, model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
-    if name == HF:
-        return hf_generate(model, prompt, max_new_tokens)
-    result = engines[name].generate(prompt, max_new_tokens)
-    s = result.stats
-    return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
+Runner = Callable[[list[int], int], TurnRecord]  # (prompt ids, max new tokens) -> one turn
 
 
-def run_question(question: Question, order: list[str], engines: dict, model, tokenizer,
+def engine_runner(engine: SpeculativeEngine) -> Runner:
+    def run(prompt: list[int], max_new_tokens: int) -> TurnRecord:
+        result = engine.generate(prompt, max_new_tokens)
+        s = result.stats
+        return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
+    return run
+
+
+def peer_runner(peer) -> Runner:
+    """A peer system (bench/peers.py): only its total time is known, no draft/verify split."""
+    def run(prompt: list[int], max_new_tokens: int) -> TurnRecord:
+        result = peer.generate(prompt, max_new_tokens)
+        return TurnRecord("", "", 0, result.tokens, result.steps, result.seconds, verify_s=result.seconds)
+    return run
+
+
+def system_runners(backend: Backend, drafters: dict[str, Drafter], peers: dict | None = None) -> dict[str, Runner]:
+    """Every system a bench can run, by name: one engine per drafter, HF `generate`, and the given peers."""
+    runners = {name: engine_runner(SpeculativeEngine(backend.model, drafter, backend=backend))
+               for name, drafter in drafters.items()}
+    runners[HF] = lambda prompt, max_new_tokens: hf_generate(backend.model, prompt, max_new_tokens)
+    runners.update({name: peer_runner(peer) for name, peer in (peers or {}).items()})
+    return runners
+
+
+def run_question(question: Question, order: list[str], runners: dict[str, Runner], tokenizer,
                  max_new_tokens: int, bar: tqdm) -> list[dict]:
     """Every system on every turn of one question (systems in `order` within each turn), each with its own
     conversation; the per-turn records in run order."""
@@ -87,7 +110,7 @@ def run_question(question: Question, order: list[str], engines: dict, model, tok
     for turn_index, turn in enumerate(question.turns):
         for name in order:
             history[name].append({"role": "user", "content": turn})
-            record = run_system(name, engines, model, encode_chat(tokenizer, history[name]), max_new_tokens)
+            record = runners[name](encode_chat(tokenizer, history[name]), max_new_tokens)
             record.question_id, record.category, record.turn = question.question_id, question.category, turn_index
             answer = tokenizer.decode(record.tokens, skip_special_tokens=True)
             records.append(record.to_dict(name, answer))
@@ -96,7 +119,7 @@ def run_question(question: Question, order: list[str], engines: dict, model, tok
     return records
 
 
-def bench_questions(model, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
+def bench_questions(runners: dict[str, Runner], tokenizer, questions: list[Question], max_new_tokens: int,
                     systems: list[str], start: int = 0, progress: bool = True) -> Iterator[list[dict]]:
     """Yields the records of questions[start:], one question (all systems, all its turns) at a time. The system
     order of question i is `systems` rotated by i, whatever `start` is, so a resumed run matches an unbroken one.
@@ -104,21 +127,21 @@ def bench_questions(model, tokenizer, questions: list[Question], drafters: dict[
     todo = questions[start:]
     if not todo:
         return
-    engines = {name: SpeculativeEngine(model, drafter) for name, drafter in drafters.items()}
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for name in systems:  # first calls pay one-off costs; keep them out of the timings
-        run_system(name, engines, model, warm, 8)
+        runners[name](warm, 8)
     units = sum(len(q.turns) for q in todo) * len(systems)
     with tqdm(total=units, desc="bench", unit="gen", disable=not progress) as bar:
         for qi, question in enumerate(todo, start=start):
             order = systems[qi % len(systems):] + systems[: qi % len(systems)]
-            yield run_question(question, order, engines, model, tokenizer, max_new_tokens, bar)
+            yield run_question(question, order, runners, tokenizer, max_new_tokens, bar)
 
 
-def run_bench(model, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
+def run_bench(backend: Backend, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
               include_hf: bool = True, progress: bool = True) -> dict:
     """The whole benchmark in memory: the report ({"systems", "turns"}) of every question."""
     systems = bench_systems(list(drafters), include_hf)
-    records = [r for rows in bench_questions(model, tokenizer, questions, drafters, max_new_tokens, systems,
+    runners = system_runners(backend, drafters)
+    records = [r for rows in bench_questions(runners, tokenizer, questions, max_new_tokens, systems,
                                              progress=progress) for r in rows]
     return report_of(records, systems)

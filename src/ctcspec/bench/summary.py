@@ -10,9 +10,12 @@ import json
 import statistics
 from pathlib import Path
 
+from ctcspec.bench.peers import PEERS
 from ctcspec.bench.questions import Question, select_questions
 
 HF = "hf_generate"
+LLAMA_CPP = PEERS[0]  # llama.cpp's plain greedy decoding, when a bench ran it
+REFERENCES = ("vanilla", HF, LLAMA_CPP)  # systems every row is compared with, where the run has them
 TIMINGS = ("draft_s", "verify_s", "bookkeeping_s")
 
 
@@ -59,7 +62,7 @@ def summarize_system(records: list[dict], turns: dict[str, list[dict]]) -> dict:
     steps = sum(r["steps"] for r in records)
     row = {"turns": len(records), "tokens": tokens, "steps": steps, "beta": tokens / steps if steps else 0.0,
            "tokens_per_s": statistics.mean(tokens_per_s(r) for r in records), **_timing_shares(records)}
-    for ref_name in ("vanilla", HF):
+    for ref_name in REFERENCES:
         ratios = _ratios(records, turns[ref_name]) if ref_name in turns else []
         if ratios:
             row[f"speedup_vs_{ref_name}"] = statistics.mean(ratios)
@@ -156,15 +159,17 @@ def _percent(s: dict, key: str) -> str:
 def format_table(report: dict) -> str:
     """One row per system; "vs vanilla" is gamma (mean of per-turn ratios), "time-wtd" total tokens over total
     seconds against vanilla's, "loops" the answers ending in a repetition loop."""
-    header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "time-wtd", "vs HF", "(median)", "draft%",
-              "bookkeep%", "differ", "loops"]
+    peer = any(f"speedup_vs_{LLAMA_CPP}" in s for s in report["systems"].values())
+    header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "time-wtd", "vs HF", "(median)",
+              *(["vs llama.cpp", "(median)"] if peer else []), "draft%", "bookkeep%", "differ", "loops"]
     rows = [header]
     for name, s in report["systems"].items():
         rows.append([
             name, f"{s['beta']:.2f}", f"{s['tokens_per_s']:.1f}",
             *(_times(s, key) for key in (
                 "speedup_vs_vanilla", "median_speedup_vs_vanilla", "time_weighted_speedup_vs_vanilla",
-                "speedup_vs_hf_generate", "median_speedup_vs_hf_generate")),
+                "speedup_vs_hf_generate", "median_speedup_vs_hf_generate",
+                *([f"speedup_vs_{LLAMA_CPP}", f"median_speedup_vs_{LLAMA_CPP}"] if peer else []))),
             _percent(s, "draft_share"), _percent(s, "bookkeeping_share"),
             str(s.get("outputs_differing_from_vanilla", "-")), str(s.get("answers_ending_in_loop", "-")),
         ])

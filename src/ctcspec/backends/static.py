@@ -1,0 +1,133 @@
+"""A lean forward for Llama-family models (Llama, SmolLM2, Qwen2) on a preallocated KV cache.
+
+The HF forward is general: per call it builds masks and position tensors through several layers of
+dispatch, grows the cache by concatenation and re-slices it to compact it. For the few-token
+forwards speculative decoding makes on a CPU, that Python and allocation work is a large share of
+the step (docs/kernels.md, "Where the time goes"). This backend runs the same modules (the model's
+own norms, projections — packed or not — rotary embedding and MLPs) in one flat loop, writes keys
+and values into per-layer buffers allocated once per generation, and compacts by copying the
+accepted rows down in place. The arithmetic is the HF model's; only the attention call and the
+summation order inside it may differ, as they do between HF's own attention implementations, and
+decoding stays token-identical to HF `generate` (tests/test_backends.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ctcspec.backends.base import Backend, ForwardResult, is_chain, node_depths
+from ctcspec.backends.hf import check_supported, tree_attention_mask
+from ctcspec.cpu_kernels import linear_kernels_of
+from ctcspec.errors import CtcspecError
+
+SUPPORTED_TYPES = ("llama", "qwen2")  # model_type values whose decoder layers this loop reproduces exactly
+
+
+def static_support_problem(model: torch.nn.Module) -> str | None:
+    """Why this backend cannot run `model` exactly, or None when it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED_TYPES:
+        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "the model has sliding-window layers"
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return f"attention implementation {config._attn_implementation!r} is not eager or sdpa"
+    return None
+
+
+@dataclass
+class StaticCache:
+    """Per-layer key/value buffers of shape (1, kv_heads, capacity, head_dim); entries 0..length-1 are live."""
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+    capacity: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capacity = self.keys[0].shape[2]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StaticBackend(Backend):
+    """Llama-family forward over a preallocated cache; refuses other models (use HFBackend for them)."""
+
+    name = "static"
+
+    def __init__(self, model: torch.nn.Module):
+        check_supported(model)
+        problem = static_support_problem(model)
+        if problem:
+            raise CtcspecError(f"the static backend cannot run this model: {problem} (use --backend hf)")
+        super().__init__(model)
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers)
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.kv_heads = model.config.num_key_value_heads
+
+    def new_cache(self, capacity: int) -> StaticCache:
+        param = self.decoder.embed_tokens.weight
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        return StaticCache([torch.empty(shape, dtype=param.dtype, device=param.device) for _ in self.layers],
+                           [torch.empty(shape, dtype=param.dtype, device=param.device) for _ in self.layers])
+
+    def length(self, cache: StaticCache) -> int:
+        return cache.length
+
+    def _mask(self, parents: list[int], past_len: int) -> tuple[torch.Tensor | None, bool]:
+        """(additive mask, is_causal) for scaled_dot_product_attention."""
+        if len(parents) == 1:
+            return None, False  # one node attends to everything cached and to itself
+        if past_len == 0 and is_chain(parents):
+            return None, True
+        return tree_attention_mask(parents, past_len, self.model.dtype, self.model.device), False
+
+    @torch.inference_mode()
+    def forward(self, cache: StaticCache, tokens: list[int], parents: list[int],
+                want_hidden: bool = False) -> ForwardResult:
+        past, q = cache.length, len(tokens)
+        end = past + q
+        if end > cache.capacity:
+            raise RuntimeError(f"the static cache holds {cache.capacity} entries; this forward needs {end}")
+        device = self.model.device
+        ids = torch.tensor([tokens], device=device)
+        positions = torch.tensor([[past + d for d in node_depths(parents)]], device=device)
+        x = self.decoder.embed_tokens(ids)
+        cos, sin = self.decoder.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask, causal = self._mask(parents, past)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            query = attention.q_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
+            key = attention.k_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
+            keys[:, :, past:end] = key * cos + rotate_half(key) * sin
+            values[:, :, past:end] = attention.v_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
+            query = query * cos + rotate_half(query) * sin
+            out = F.scaled_dot_product_attention(query, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                 is_causal=causal, scale=attention.scaling, enable_gqa=True)
+            x = x + attention.o_proj(out.transpose(1, 2).reshape(1, q, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = end
+        hidden = self.decoder.norm(x)
+        return ForwardResult(self.model.lm_head(hidden)[0], hidden[0] if want_hidden else None)
+
+    def keep(self, cache: StaticCache, past_len: int, nodes: list[int]) -> None:
+        if nodes != list(range(len(nodes))):
+            index = torch.tensor(nodes, dtype=torch.long, device=cache.keys[0].device) + past_len
+            for buffer in (*cache.keys, *cache.values):
+                buffer[:, :, past_len:past_len + len(nodes)] = buffer.index_select(2, index)
+        cache.length = past_len + len(nodes)
+
+    def entries(self, cache: StaticCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[:, :, :cache.length], v[:, :, :cache.length]) for k, v in zip(cache.keys, cache.values, strict=True)]
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "kernels": linear_kernels_of(self.model)}

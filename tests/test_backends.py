@@ -1,0 +1,86 @@
+"""Backends: each is token-identical to HF `generate` on the model it runs, in full and half precision, and
+the one that cannot run a model says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ctc_helpers import tiny_ctc_drafter
+
+from conftest import hf_greedy, tiny_model
+from ctcspec.backends import BACKEND_CLASSES, HFBackend, StaticBackend, make_backend
+from ctcspec.drafters import LookupDrafter, VanillaDrafter
+from ctcspec.drafters.hybrid import CTCLookupDrafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.errors import CtcspecError
+from ctcspec.tree import TokenTree
+from ctcspec.verify import node_parents, prefill
+from test_equivalence import RandomTreeDrafter, prompts
+
+
+@pytest.mark.parametrize("arch, expected", [("llama", StaticBackend), ("qwen2", StaticBackend), ("gemma", HFBackend)])
+def test_auto_picks_static_where_it_applies(arch, expected):
+    assert type(make_backend(tiny_model(arch))) is expected
+
+
+def test_static_refuses_a_model_it_cannot_run_exactly():
+    with pytest.raises(CtcspecError, match="static backend cannot run this model: model type 'gemma'"):
+        StaticBackend(tiny_model("gemma"))
+    with pytest.raises(CtcspecError, match="unknown backend 'fast'"):
+        make_backend(tiny_model("llama"), "fast")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_backends_agree_on_logits_hidden_states_and_cache(arch):
+    """One tree forward after a prefill: the same logits, last hidden states and cache entries on both backends."""
+    model = tiny_model(arch, seed=5)
+    prompt = [4, 19, 33, 7, 61, 2, 88]
+    tree = TokenTree.from_sequences([[1, 2, 3], [1, 4], [5, 6, 7, 8]])
+    results = []
+    for backend in (HFBackend(model), StaticBackend(model)):
+        cache = backend.new_cache(32)
+        prefill(backend, cache, prompt[:-1])
+        out = backend.forward(cache, [prompt[-1], *tree.tokens], node_parents(tree), want_hidden=True)
+        backend.keep(cache, len(prompt) - 1, [0, 5, 6])
+        results.append((out, backend.entries(cache)))
+    (hf_out, hf_cache), (static_out, static_cache) = results
+    torch.testing.assert_close(static_out.logits, hf_out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static_out.hidden, hf_out.hidden, atol=1e-5, rtol=1e-5)
+    for (k, v), (hk, hv) in zip(static_cache, hf_cache, strict=True):
+        assert k.shape == hk.shape == (1, model.config.num_key_value_heads, len(prompt) - 1 + 3, 16)
+        torch.testing.assert_close(k, hk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, hv, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_backend_is_identical_to_hf_generate(arch, backend_name):
+    model = tiny_model(arch)
+    backend = BACKEND_CLASSES[backend_name](model)
+    for prompt in prompts(12):
+        expected = hf_greedy(model, prompt, 40)
+        for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=24), RandomTreeDrafter(len(prompt)),
+                        CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), LookupDrafter(min_ngram=1))):
+            got = SpeculativeEngine(model, drafter, backend=backend).generate(prompt, 40)
+            assert got.tokens == expected, f"{arch}/{backend_name}/{drafter.name} prompt={prompt[:8]}..."
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend_name", sorted(BACKEND_CLASSES))
+def test_half_precision_is_identical_to_hf_generate_on_the_same_half_precision_model(backend_name, dtype):
+    """Lossless at a lower precision means: the same tokens as HF `generate` on the model in that precision."""
+    model = tiny_model("llama", seed=2).to(dtype)
+    backend = BACKEND_CLASSES[backend_name](model)
+    for prompt in prompts(8):
+        expected = hf_greedy(model, prompt, 32)
+        for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=16), RandomTreeDrafter(3)):
+            got = SpeculativeEngine(model, drafter, backend=backend).generate(prompt, 32)
+            assert got.tokens == expected, f"{dtype}/{backend_name}/{drafter.name} prompt={prompt[:8]}..."
+
+
+def test_static_cache_overflow_is_an_error_not_a_silent_overwrite():
+    backend = StaticBackend(tiny_model("llama"))
+    cache = backend.new_cache(4)
+    prefill(backend, cache, [1, 2, 3])
+    with pytest.raises(RuntimeError, match="holds 4 entries; this forward needs 5"):
+        backend.forward(cache, [4, 5], [-1, 0])
