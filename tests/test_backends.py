@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ctc_helpers import tiny_ctc_drafter
+from test_equivalence import RandomTreeDrafter, prompts
 
 from conftest import hf_greedy, tiny_model
 from ctcspec.backends import BACKEND_CLASSES, HFBackend, StaticBackend, make_backend
@@ -15,7 +16,6 @@ from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
 from ctcspec.verify import node_parents, prefill
-from test_equivalence import RandomTreeDrafter, prompts
 
 
 @pytest.mark.parametrize("arch, expected", [("llama", StaticBackend), ("qwen2", StaticBackend), ("gemma", HFBackend)])
@@ -57,7 +57,7 @@ def test_backends_agree_on_logits_hidden_states_and_cache(arch):
 def test_every_backend_is_identical_to_hf_generate(arch, backend_name):
     model = tiny_model(arch)
     backend = BACKEND_CLASSES[backend_name](model)
-    for prompt in prompts(12):
+    for prompt in prompts(8):
         expected = hf_greedy(model, prompt, 40)
         for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=24), RandomTreeDrafter(len(prompt)),
                         CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), LookupDrafter(min_ngram=1))):
@@ -71,16 +71,34 @@ def test_half_precision_is_identical_to_hf_generate_on_the_same_half_precision_m
     """Lossless at a lower precision means: the same tokens as HF `generate` on the model in that precision."""
     model = tiny_model("llama", seed=2).to(dtype)
     backend = BACKEND_CLASSES[backend_name](model)
-    for prompt in prompts(8):
+    for prompt in prompts(6):
         expected = hf_greedy(model, prompt, 32)
         for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=16), RandomTreeDrafter(3)):
             got = SpeculativeEngine(model, drafter, backend=backend).generate(prompt, 32)
             assert got.tokens == expected, f"{dtype}/{backend_name}/{drafter.name} prompt={prompt[:8]}..."
 
 
-def test_static_cache_overflow_is_an_error_not_a_silent_overwrite():
-    backend = StaticBackend(tiny_model("llama"))
-    cache = backend.new_cache(4)
-    prefill(backend, cache, [1, 2, 3])
-    with pytest.raises(RuntimeError, match="holds 4 entries; this forward needs 5"):
-        backend.forward(cache, [4, 5], [-1, 0])
+def test_static_cache_grows_keeping_what_it_holds():
+    model = tiny_model("llama")
+    static, hf = StaticBackend(model), HFBackend(model)
+    small, reference = static.new_cache(4), hf.new_cache(0)
+    for backend, cache in ((static, small), (hf, reference)):
+        prefill(backend, cache, [1, 2, 3])
+        backend.forward(cache, [4, 5, 6], [-1, 0, 0])
+        backend.keep(cache, 3, [0, 2])
+    assert small.capacity >= 6 and static.length(small) == 5
+    for (k, v), (hk, hv) in zip(static.entries(small), hf.entries(reference), strict=True):
+        torch.testing.assert_close(k, hk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, hv, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_attention_runs_on_the_hf_backend():
+    """Static attention is sdpa; an eager model rounds differently (softmax in fp32), so auto leaves it to hf."""
+    model = tiny_model("llama", attn="eager")
+    assert type(make_backend(model)) is HFBackend
+    with pytest.raises(CtcspecError, match="'eager' is not sdpa"):
+        StaticBackend(model)
+    half = tiny_model("llama", seed=2, attn="eager").to(torch.bfloat16)
+    prompt = prompts(8)[1]
+    got = SpeculativeEngine(half, LookupDrafter(min_ngram=1)).generate(prompt, 32)
+    assert got.tokens == hf_greedy(half, prompt, 32)

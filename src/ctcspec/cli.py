@@ -18,7 +18,7 @@ import torch
 
 from ctcspec import __version__
 from ctcspec.backends import BACKENDS, Backend, make_backend
-from ctcspec.bench.peers import PEERS, PRECISIONS, import_llama_cpp, make_peer
+from ctcspec.bench.peers import PEERS, PRECISIONS, converter_path, import_llama_cpp, make_peer
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, write_outputs
 from ctcspec.bench.run import bench_questions, bench_systems, system_runners
@@ -447,8 +447,9 @@ def cmd_bench(args) -> int:
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     systems = bench_systems(names, include_hf=not args.no_hf, peers=args.peers)
-    if args.peers:
-        import_llama_cpp()  # before loading anything: say what is missing
+    if args.peers:  # before loading anything: say what is missing
+        import_llama_cpp()
+        converter_path()
     store = BenchStore.open(args.out, bench_settings(args, systems, dirs), questions, systems, resume=args.resume)
     loaded, backend = _load_backend(args)
     drafters = {name: build_drafter(name, args, backend, dirs) for name in names}

@@ -103,6 +103,8 @@ class SpeculativeEngine:
     def __init__(self, model: torch.nn.Module, drafter: Drafter, max_context: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, max_tree_budget: int = 64,
                  backend: Backend | None = None):
+        if backend is not None and backend.model is not model:
+            raise CtcspecError("the backend runs another model than the one given to the engine")
         self.backend = backend or make_backend(model)
         self.model = model
         self.drafter = drafter
@@ -122,11 +124,12 @@ class SpeculativeEngine:
         if max_new_tokens <= 0:
             stats.stop_reason = "max_new_tokens"
             return result
-        max_context, limit = self.backend.capacity(self.max_context)
+        max_context, limit = self.backend.context_limit(self.max_context)
         if len(prompt) >= max_context:
             raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
         token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
-        cache = self.backend.new_cache(min(max_context, len(prompt) + token_limit + self.max_tree_budget + 1))
+        # room for the prompt, a first stretch of generation and one tree; a static cache grows past it if needed
+        cache = self.backend.new_cache(min(max_context, len(prompt) + min(token_limit, 1024) + self.max_tree_budget))
         hidden = self.drafter.needs_hidden_states
         start = time.perf_counter()
         self.drafter.reset()

@@ -68,7 +68,7 @@ class Backend(ABC):
     def entries(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The live (keys, values) of every layer, each (1, kv_heads, length, head_dim): for checks, not speed."""
 
-    def capacity(self, max_context: int) -> tuple[int, str]:
+    def context_limit(self, max_context: int) -> tuple[int, str]:
         """Entries a cache may hold, and what limits it (for error messages)."""
         return max_context, f"the model's context holds {max_context}"
 

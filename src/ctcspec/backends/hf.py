@@ -94,13 +94,13 @@ class HFBackend(Backend):
     def length(self, cache: DynamicCache) -> int:
         return cache.get_seq_length()
 
-    def capacity(self, max_context: int) -> tuple[int, str]:
+    def context_limit(self, max_context: int) -> tuple[int, str]:
         """Sliding-window layers must never drop a key the tree might need."""
         layers = DynamicCache(config=self.model.config).layers
         windows = [layer.sliding_window for layer in layers if getattr(layer, "is_sliding", False)]
         if windows and min(windows) - 1 < max_context:
             return min(windows) - 1, f"the model's sliding window of {min(windows)} tokens holds {min(windows) - 1}"
-        return super().capacity(max_context)
+        return super().context_limit(max_context)
 
     @torch.inference_mode()
     def forward(self, cache: DynamicCache, tokens: list[int], parents: list[int],

@@ -33,14 +33,15 @@ def static_support_problem(model: torch.nn.Module) -> str | None:
         return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_TYPES)}"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return "the model has sliding-window layers"
-    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
-        return f"attention implementation {config._attn_implementation!r} is not eager or sdpa"
+    if getattr(config, "_attn_implementation", None) != "sdpa":  # eager rounds differently (softmax in fp32)
+        return f"attention implementation {config._attn_implementation!r} is not sdpa"
     return None
 
 
 @dataclass
 class StaticCache:
-    """Per-layer key/value buffers of shape (1, kv_heads, capacity, head_dim); entries 0..length-1 are live."""
+    """Per-layer key/value buffers of shape (1, kv_heads, capacity, head_dim); entries 0..length-1 are live.
+    A forward that would pass `capacity` first moves the live entries into buffers twice as large."""
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
@@ -92,10 +93,11 @@ class StaticBackend(Backend):
     @torch.inference_mode()
     def forward(self, cache: StaticCache, tokens: list[int], parents: list[int],
                 want_hidden: bool = False) -> ForwardResult:
+        """Backend.forward; len(tokens) == len(parents). A causal mask (no tree mask) is used only for a chain
+        into an empty cache, where queries and keys line up one to one."""
         past, q = cache.length, len(tokens)
         end = past + q
-        if end > cache.capacity:
-            raise RuntimeError(f"the static cache holds {cache.capacity} entries; this forward needs {end}")
+        self._reserve(cache, end)
         device = self.model.device
         ids = torch.tensor([tokens], device=device)
         positions = torch.tensor([[past + d for d in node_depths(parents)]], device=device)
@@ -119,6 +121,20 @@ class StaticBackend(Backend):
         hidden = self.decoder.norm(x)
         return ForwardResult(self.model.lm_head(hidden)[0], hidden[0] if want_hidden else None)
 
+    @staticmethod
+    def _reserve(cache: StaticCache, entries: int) -> None:
+        """Make room for `entries` entries, keeping the live ones (a long generation outgrew its first guess)."""
+        if entries <= cache.capacity:
+            return
+        size = max(entries, 2 * cache.capacity)
+        for buffers in (cache.keys, cache.values):
+            for i, old in enumerate(buffers):
+                grown = old.new_empty(old.shape[0], old.shape[1], size, old.shape[3])
+                grown[:, :, :cache.length] = old[:, :, :cache.length]
+                buffers[i] = grown
+        cache.capacity = size
+
+    @torch.inference_mode()  # buffers grown inside a forward are inference tensors
     def keep(self, cache: StaticCache, past_len: int, nodes: list[int]) -> None:
         if nodes != list(range(len(nodes))):
             index = torch.tensor(nodes, dtype=torch.long, device=cache.keys[0].device) + past_len

@@ -119,7 +119,7 @@ def check_vocab(llm, tokenizer) -> None:
     if len(hf_pieces) > n_vocab:
         raise CtcspecError(f"the GGUF has {n_vocab} tokens, the HF tokenizer {len(hf_pieces)}")
     for token_id, piece in enumerate(hf_pieces):
-        gguf_piece = llama_cpp.llama_vocab_get_text(vocab, token_id).decode("utf-8")
+        gguf_piece = llama_cpp.llama_vocab_get_text(vocab, token_id).decode("utf-8", errors="replace")
         if gguf_piece != piece:
             raise CtcspecError(f"token id {token_id} is {piece!r} in the HF tokenizer but {gguf_piece!r} in the GGUF")
 
@@ -161,9 +161,13 @@ class LlamaCppPeer:
         """(Re)build the llama.cpp model and context with `n_ctx` positions; decode calls are counted."""
         kv_type = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if self.precision == "f32" else {}
         self.close()  # free the old context first
-        llm = self._llama_cpp.Llama(
-            model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
-            n_threads_batch=self.threads, n_gpu_layers=0, draft_model=self._draft_model(), verbose=False, **kv_type)
+        try:
+            llm = self._llama_cpp.Llama(
+                model_path=str(self.gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
+                n_threads_batch=self.threads, n_gpu_layers=0, draft_model=self._draft_model(), verbose=False,
+                **kv_type)
+        except ValueError as exc:  # llama-cpp-python's report of a GGUF it cannot load
+            raise CtcspecError(f"llama.cpp cannot load {self.gguf} ({exc}); delete it to convert again") from None
         evaluate = llm.eval
 
         def counted_eval(tokens: Sequence[int]) -> None:  # n_batch == n_ctx: one decode call per eval
