@@ -5,10 +5,10 @@ dispatch, grows the cache by concatenation and re-slices it to compact it. For t
 forwards speculative decoding makes on a CPU, that Python and allocation work is a large share of
 the step (docs/kernels.md, "Where the time goes"). This backend runs the same modules (the model's
 own norms, projections — packed or not — rotary embedding and MLPs) in one flat loop, writes keys
-and values into per-layer buffers allocated once per generation, and compacts by copying the
-accepted rows down in place. The arithmetic is the HF model's; only the attention call and the
-summation order inside it may differ, as they do between HF's own attention implementations, and
-decoding stays token-identical to HF `generate` (tests/test_backends.py).
+and values into per-layer buffers allocated per generation (doubled if a long one outgrows them),
+and compacts by copying the accepted rows down in place. The arithmetic is the HF model's; only the
+attention call and the summation order inside it may differ, as they do between HF's own attention
+implementations, and decoding stays token-identical to HF `generate` (tests/test_backends.py).
 """
 
 from __future__ import annotations
