@@ -26,7 +26,6 @@ from pathlib import Path
 from ctcspec.errors import CtcspecError
 from ctcspec.models import ctcspec_home
 
-PEERS = ("llama.cpp", "llama.cpp-lookup")
 PRECISIONS = ("f32", "f16", "q8_0")
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 _SETUP = "run `make peers` (builds llama-cpp-python from source and installs llama.cpp's GGUF converter)"
@@ -236,15 +235,18 @@ class LlamaCppLookupPeer(LlamaCppPeer):
                                                      num_pred_tokens=self.num_pred_tokens)
 
 
+PEER_CLASSES = {peer.name: peer for peer in (LlamaCppPeer, LlamaCppLookupPeer)}
+PEERS = tuple(PEER_CLASSES)  # the one list of peer names
+
+
 def make_peer(name: str, model_dir: str | Path, threads: int, eos_ids: Iterable[int], precision: str = "f32",
               tokenizer=None) -> LlamaCppPeer:
     """The peer `name` (one of PEERS) on the GGUF of `model_dir` at `precision`, converted on first use.
     With `tokenizer` (the HF tokenizer of `model_dir`), its ids are checked against the GGUF's first."""
-    classes = {LlamaCppPeer.name: LlamaCppPeer, LlamaCppLookupPeer.name: LlamaCppLookupPeer}
-    if name not in classes:
+    if name not in PEER_CLASSES:
         raise CtcspecError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
     import_llama_cpp()  # say what is missing before converting anything
-    peer = classes[name](gguf_for(model_dir, precision), threads, eos_ids, precision)
+    peer = PEER_CLASSES[name](gguf_for(model_dir, precision), threads, eos_ids, precision)
     if tokenizer is not None:
         check_vocab(peer._llm, tokenizer)
     return peer

@@ -10,11 +10,11 @@ import json
 import statistics
 from pathlib import Path
 
-from ctcspec.bench.peers import PEERS
+from ctcspec.bench.peers import LlamaCppPeer
 from ctcspec.bench.questions import Question, select_questions
 
 HF = "hf_generate"
-LLAMA_CPP = PEERS[0]  # llama.cpp's plain greedy decoding, when a bench ran it
+LLAMA_CPP = LlamaCppPeer.name  # llama.cpp's plain greedy decoding, when a bench ran it
 REFERENCES = ("vanilla", HF, LLAMA_CPP)  # systems every row is compared with, where the run has them
 TIMINGS = ("draft_s", "verify_s", "bookkeeping_s")
 
