@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import hf_greedy, tiny_model
-from ctcspec.accept import accept_longest_path
+from ctcspec.accept import accept_path
 from ctcspec.backends import BACKEND_CLASSES
 from ctcspec.engine import speculative_step
 from ctcspec.tree import ROOT, TokenTree
@@ -51,12 +51,12 @@ def wrong(token: int) -> int:
     return (token + 7) % 96
 
 
-def test_accept_longest_path_walks_greedy_children():
+def test_accept_path_walks_greedy_children():
     #            root  a  b  c  d
     tokens = [0, 10, 11, 20, 12]
     parents = [-1, 0, 1, 0, 2]
     greedy = [10, 11, 12, 99, 13]   # root->10, 10->11, 11->12, 12->13 (bonus)
-    acc = accept_longest_path(tokens, parents, greedy)
+    acc = accept_path(tokens, parents, lambda node, _: greedy[node])
     assert acc.path == [0, 1, 2, 4]
     assert acc.tokens == [10, 11, 12, 13]
 

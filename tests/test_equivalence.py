@@ -97,7 +97,7 @@ def test_identical_when_eos_ends_the_answer(arch_model):
         expected = hf_greedy(model, prompt, 40, eos=eos)
         assert expected == free[: free.index(eos) + 1]  # the oracle stops at the first EOS
         for drafter in drafters_for(prompt, expected, model):
-            got = SpeculativeEngine(model, drafter, eos_token_ids=[eos]).generate(prompt, 40)
+            got = SpeculativeEngine(model, drafter).generate(prompt, 40, eos_token_id=eos)
             assert got.tokens == expected, f"{arch}/{drafter.name}"
             assert got.stats.stop_reason == "eos"
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from ctcspec.accept import accept_longest_path
+from ctcspec.accept import accept_path
 from ctcspec.backends.hf import compact_cache
 from ctcspec.tree import ROOT, TokenTree
 from ctcspec.verify import node_parents
@@ -69,7 +69,7 @@ def test_acceptance_is_the_longest_path_the_base_model_agrees_with(sequences, ro
     tree = TokenTree.from_sequences(sequences)
     node_tokens = [root, *tree.tokens]
     greedy = greedy_pool[: len(node_tokens)]  # the base model's argmax after each verification node
-    accepted = accept_longest_path(node_tokens, node_parents(tree), greedy)
+    accepted = accept_path(node_tokens, node_parents(tree), lambda node, _: greedy[node])
     # brute force: a draft path is accepted when each of its tokens is the argmax after its parent node
     paths = tree.paths()
 

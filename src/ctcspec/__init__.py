@@ -2,14 +2,18 @@
 
 Read the decoding loop in this order: drafters/ (draft; the networks they run are in
 modules/, the ways their nodes are ranked in search.py) -> tree.py (token tree) -> verify.py
-(one base forward over the tree) -> accept.py (longest greedy path, KV-cache compaction)
--> engine.py (the loop that ties them together). budget.py picks the tree size for this
-machine; training/ makes drafters, bench/ measures them.
+(one base forward over the tree) -> decoding.py (how generate picks each token: processors, argmax
+or sampling, stopping criteria) -> accept.py (walk the tree as the base model decodes it) -> engine.py
+(the loop that ties them together; custom_generate.py runs it inside model.generate).
+budget.py picks the tree size for this machine; training/ makes drafters, bench/ measures them.
 """
 
+from ctcspec.custom_generate import speculative_generate
+from ctcspec.decoding import Decoding, decoding_for
 from ctcspec.engine import GenerationResult, GenerationStats, SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
 
-__all__ = ["CtcspecError", "GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree"]
+__all__ = ["CtcspecError", "Decoding", "GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree",
+           "decoding_for", "speculative_generate"]
 __version__ = "0.1.0"

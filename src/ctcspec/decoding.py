@@ -1,0 +1,128 @@
+"""How the base model picks each next token and when it stops: exactly as transformers' `generate` would.
+
+transformers prepares the settings — the model's generation_config merged with the caller's options and
+validated — into logits processors (repetition penalty, no-repeat n-grams, suppressed and bad words, minimum
+length, temperature, top-k, top-p, min-p, ...) and stopping criteria (max length, EOS, stop strings, the
+caller's own). The engine applies the processors at every verified node to that node's own prefix (the
+sequence, then the draft path down to it) in float32, as generate does, and takes the argmax of the processed
+scores, or draws from their softmax when sampling. Each emitted token is checked against the stopping criteria
+with its own prefix. So speculative decoding changes how many forwards run, never which tokens come out (or,
+sampling, their distribution).
+
+Processors are called once per visited node instead of once per emitted token, so only processors that are pure
+functions of (prefix, scores) can be honoured; anything else is refused by name (`check_processors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import logits_process as lp
+
+from ctcspec.errors import CtcspecError, one_line
+
+# Row-wise functions of (prefix, scores), with no state carried between calls: exact at any node, in any order.
+PURE_PROCESSORS = (
+    lp.EpsilonLogitsWarper, lp.EtaLogitsWarper, lp.ExponentialDecayLengthPenalty, lp.ForcedBOSTokenLogitsProcessor,
+    lp.ForcedEOSTokenLogitsProcessor, lp.InfNanRemoveLogitsProcessor, lp.LogitNormalization,
+    lp.MinLengthLogitsProcessor, lp.MinNewTokensLengthLogitsProcessor, lp.MinPLogitsWarper,
+    lp.NoBadWordsLogitsProcessor, lp.NoRepeatNGramLogitsProcessor, lp.PrefixConstrainedLogitsProcessor,
+    lp.RepetitionPenaltyLogitsProcessor, lp.SequenceBiasLogitsProcessor, lp.SuppressTokensAtBeginLogitsProcessor,
+    lp.SuppressTokensLogitsProcessor, lp.TemperatureLogitsWarper, lp.TopHLogitsWarper, lp.TopKLogitsWarper,
+    lp.TopPLogitsWarper, lp.TypicalLogitsWarper,
+)
+# Outputs the engine does not produce; asked for, they are refused rather than returned empty.
+UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+def check_processors(processors: Sequence) -> None:
+    """Refuse, naming them, processors the engine cannot apply exactly (stateful, or running a model of their own)."""
+    unknown = sorted({type(p).__name__ for p in processors if type(p) not in PURE_PROCESSORS})
+    if unknown:
+        raise CtcspecError(f"speculative decoding cannot apply the logits processor(s) {', '.join(unknown)} exactly "
+                           "(only processors that are pure functions of the prefix and the scores are supported)")
+
+
+def eos_ids(config: GenerationConfig) -> frozenset[int]:
+    eos = config.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else (int(t) for t in eos))
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What `generate` would run for one prompt: processors, stopping criteria, greedy or sampling."""
+
+    processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    stopping: StoppingCriteriaList = field(default_factory=StoppingCriteriaList)
+    do_sample: bool = False
+    eos: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None   # sampling draws from it (None: torch's global generator, as HF)
+
+    @classmethod
+    def from_generate(cls, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList,
+                      generation_config: GenerationConfig, generator: torch.Generator | None = None) -> Decoding:
+        """From the arguments transformers' generate hands a custom decoding function."""
+        check_processors(logits_processor)
+        asked = [name for name in UNSUPPORTED_OUTPUTS if getattr(generation_config, name, False)]
+        if asked:
+            raise CtcspecError(f"speculative decoding does not return {', '.join(asked)}; leave them unset")
+        if (generation_config.num_beams or 1) > 1:
+            raise CtcspecError("beam search (num_beams > 1) is not speculative decoding's output; use num_beams=1")
+        return cls(logits_processor, stopping_criteria, bool(generation_config.do_sample), eos_ids(generation_config),
+                   generator)
+
+
+def _prepared(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
+    """A custom_generate function that decodes nothing: it returns what generate prepared for decoding."""
+    return logits_processor, stopping_criteria, generation_config
+
+
+def decoding_for(model: torch.nn.Module, prompt_ids: Sequence[int], seed: int | None = None,
+                 **settings) -> Decoding:
+    """The decoding `model.generate(prompt, **settings)` would run — greedy unless settings set do_sample=True —
+    prepared by transformers itself. `seed` makes sampling reproducible (its own generator)."""
+    settings.setdefault("do_sample", False)
+    ids = torch.tensor([list(prompt_ids)], device=model.device)
+    try:
+        prepared = model.generate(ids, attention_mask=torch.ones_like(ids), custom_generate=_prepared, **settings)
+    except (ValueError, TypeError) as exc:
+        raise CtcspecError(f"invalid generation settings: {one_line(exc)}") from None
+    generator = None if seed is None else torch.Generator(model.device).manual_seed(int(seed))
+    return Decoding.from_generate(*prepared, generator=generator)
+
+
+class NodeChooser:
+    """The base model's next token after each verified node, chosen as generate would choose it there.
+
+    `logits` are the verification forward's (nodes, vocab); node 0 follows `sequence` (whose last token is the
+    root), node n follows `sequence` + the draft tokens on the path down to n. Scores are kept per visited node
+    for the stopping criteria.
+    """
+
+    def __init__(self, decoding: Decoding, logits: torch.Tensor, sequence: torch.Tensor):
+        self.decoding, self.logits, self.sequence = decoding, logits, sequence
+        plain = not decoding.do_sample and not decoding.processors
+        self.greedy = logits.argmax(dim=-1).tolist() if plain else None
+        self.scores: dict[int, torch.Tensor] = {}
+
+    def __call__(self, node: int, drafted: list[int]) -> int:
+        if self.greedy is not None:
+            return self.greedy[node]
+        scores = self.logits[node : node + 1].float()
+        if self.decoding.processors:
+            prefix = torch.cat([self.sequence, torch.tensor(drafted, dtype=self.sequence.dtype)])
+            scores = self.decoding.processors(prefix[None].to(scores.device), scores)
+        self.scores[node] = scores
+        if self.decoding.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=self.decoding.generator))
+        return int(scores.argmax(dim=-1))
+
+    def scores_at(self, node: int) -> torch.Tensor:
+        """The processed scores (1, vocab) a token was chosen from at `node` (the raw ones on the plain greedy path)."""
+        return self.scores[node] if node in self.scores else self.logits[node : node + 1].float()
