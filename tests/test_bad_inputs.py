@@ -170,6 +170,18 @@ CASES = {
         ("static backend cannot run this model", "'gemma'", "--backend hf")),
     "bench: unknown --peers": (
         lambda f: _bench(f, "--peers", "vllm"), ("--peers", "unknown peer 'vllm'")),
+    "generate: --temperature negative": (
+        lambda f: _gen(f, "--temperature", "-1"), ("--temperature", "at least 0, got -1")),
+    "generate: --top-p above 1": (
+        lambda f: _gen(f, "--top-p", "1.5"), ("--top-p", "in (0, 1], got 1.5")),
+    "bench: --top-k 0": (
+        lambda f: _bench(f, "--top-k", "0"), ("--top-k", "at least 1")),
+    "generate: --repetition-penalty 0": (
+        lambda f: _gen(f, "--repetition-penalty", "0"), ("--repetition-penalty", "above 0")),
+    "generate: --top-k without sampling": (
+        lambda f: _gen(f, "--top-k", "5"), ("--top-k only shape sampling", "--temperature", "--sample")),
+    "bench: --peers with sampling": (
+        lambda f: _bench(f, "--peers", "llama.cpp", "--temperature", "1"), ("--peers", "greedily only")),
 }
 if importlib.util.find_spec("llama_cpp") is None:  # CI: the peers are a separate `make peers`
     CASES["bench: --peers llama.cpp without llama-cpp-python"] = (

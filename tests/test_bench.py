@@ -6,12 +6,26 @@ import json
 import re
 
 import pytest
+import torch
 
+from conftest import tiny_model
+from ctcspec.backends import make_backend
 from ctcspec.bench.questions import Question
-from ctcspec.bench.report import environment
-from ctcspec.bench.run import TurnRecord
+from ctcspec.bench.report import environment, markdown_report
+from ctcspec.bench.run import TurnRecord, hf_generate, output_loglik, system_runners, turn_seed
 from ctcspec.bench.store import RECORD_KEYS, BenchStore, finished_questions, read_records
-from ctcspec.bench.summary import ends_in_loop, format_table, per_category, report_of, subset_report
+from ctcspec.bench.summary import (
+    HF,
+    describe_decoding,
+    ends_in_loop,
+    format_table,
+    per_category,
+    report_of,
+    subset_report,
+)
+from ctcspec.decoding import settings_in_effect
+from ctcspec.drafters.lookup import LookupDrafter
+from ctcspec.drafters.vanilla import VanillaDrafter
 from ctcspec.errors import CtcspecError
 
 
@@ -36,6 +50,74 @@ def test_speedup_is_the_mean_of_per_turn_ratios_and_differences_are_counted():
     cats = per_category(report)
     assert cats["lookup"]["a"] == pytest.approx({"beta": 2.0, "speedup_vs_vanilla": 2.0})
     assert cats["lookup"]["b"]["speedup_vs_vanilla"] == pytest.approx(4.0)
+
+
+def test_sampled_runs_report_loglik_per_token_and_differences_from_hf_instead_of_vanilla():
+    vanilla = records("vanilla", [("a", [1, 2, 3, 4], 4, 2.0), ("b", [5, 6], 2, 1.0)])
+    drafted = records("lookup", [("a", [1, 2, 3, 4], 2, 1.0), ("b", [5, 7], 1, 0.25)])
+    hf = records(HF, [("a", [1, 2, 3, 4], 4, 2.0), ("b", [5, 6], 2, 1.0)])
+    for record, loglik in zip(vanilla + drafted + hf, (-4.0, -2.0, -6.0, -3.0, -4.0, -2.0), strict=True):
+        record["loglik"] = loglik
+    report = report_of(vanilla + drafted + hf, ["vanilla", "lookup", HF])
+    row = report["systems"]["lookup"]
+    assert row["loglik_per_token"] == pytest.approx(-9.0 / 6) and "outputs_differing_from_vanilla" not in row
+    assert row[f"outputs_differing_from_{HF}"] == 1
+    assert report["systems"]["vanilla"][f"outputs_differing_from_{HF}"] == 0
+    assert row["speedup_vs_vanilla"] == pytest.approx(3.0)  # beta and gamma as when greedy
+    header, _, vanilla_row, lookup_row, _ = format_table(report).splitlines()
+    assert header.split()[-5:] == ["loglik/token", "differ", "vs", "HF", "loops"]
+    assert vanilla_row.split()[-3:] == ["-1.000", "0", "0"] and lookup_row.split()[-3:] == ["-1.500", "1", "0"]
+    markdown = markdown_report(report, {"decoding": {"do_sample": True, "temperature": 0.7}, "seed": 5})
+    assert "sampling, seed 5 (temperature 0.7)" in markdown
+    assert "| loglik/token | differ from HF generate | loops |" in markdown
+    assert "| lookup | 2.00 |" in markdown and "| -1.500 | 1 | 0 |" in markdown
+
+
+def test_describe_decoding():
+    assert describe_decoding(None, None) == "greedy"  # a report from before sampling existed
+    assert describe_decoding({"do_sample": False, "repetition_penalty": 1.3}, 0) == "greedy (repetition_penalty 1.3)"
+    assert describe_decoding({"do_sample": True, "temperature": 1.0, "min_p": None}, 7) == \
+        "sampling, seed 7 (temperature 1.0)"
+
+
+def test_turn_seed_depends_on_the_seed_question_and_turn_only():
+    seeds = {turn_seed(s, q, t) for s in (0, 1) for q in ("1", "2") for t in (0, 1)}
+    assert len(seeds) == 8 and all(0 <= s < 2**31 for s in seeds)
+    assert turn_seed(3, "q", 1) == turn_seed(3, "q", 1) == 1247513057  # stable across processes and versions
+
+
+def test_output_loglik_is_the_tempered_teacher_forced_log_likelihood():
+    model = tiny_model("llama")
+    prompt, tokens = [1, 5, 6, 7], [8, 9, 10]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + tokens])).logits[0]
+    expected = sum(float(torch.log_softmax(logits[len(prompt) - 1 + i] / 0.5, dim=-1)[t]) for i, t in enumerate(tokens))
+    assert output_loglik(model, prompt, tokens, 0.5) == pytest.approx(expected, abs=1e-4)
+    assert output_loglik(model, prompt, [], 0.5) == 0.0
+
+
+def test_settings_in_effect_merge_the_model_generation_config():
+    model = tiny_model("qwen2")
+    model.generation_config.temperature, model.generation_config.top_p = 0.7, 0.8
+    assert settings_in_effect(model, {"do_sample": False}) == {"do_sample": False, "repetition_penalty": 1.0}
+    assert settings_in_effect(model, {"do_sample": True, "temperature": 1.2}) == {
+        "do_sample": True, "repetition_penalty": 1.0, "temperature": 1.2, "top_k": 50, "top_p": 0.8, "min_p": None}
+    with pytest.raises(CtcspecError, match="invalid generation settings"):
+        settings_in_effect(model, {"do_sample": True, "temperature": -1.0})
+
+
+def test_hf_runner_applies_the_model_generation_config_like_the_engines():
+    model = tiny_model("llama")
+    model.generation_config.repetition_penalty = 1.3  # as a model's generation_config.json may ship it
+    prompt = [1, 5, 6, 7, 5, 6, 7, 5, 6]
+    runners = system_runners(make_backend(model, "hf"), {"vanilla": VanillaDrafter(), "lookup": LookupDrafter()})
+    greedy = hf_generate(model, prompt, 16).tokens
+    assert runners[HF](prompt, 16, 0).tokens == greedy == runners["vanilla"](prompt, 16, 0).tokens
+    assert runners["lookup"](prompt, 16, 0).tokens == greedy
+    model.generation_config.repetition_penalty = 1.0
+    assert hf_generate(model, prompt, 16).tokens != greedy  # the model's penalty was applied
+    sampled = system_runners(make_backend(model, "hf"), {}, settings={"do_sample": True, "temperature": 1.0})
+    assert sampled[HF](prompt, 16, 4).tokens == sampled[HF](prompt, 16, 4).tokens != sampled[HF](prompt, 16, 5).tokens
 
 
 def test_turn_records_carry_every_saved_field():

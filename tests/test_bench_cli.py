@@ -129,3 +129,31 @@ def test_report_of_a_subset_of_the_committed_reports(capsys):
     assert code == 0 and "16 of 50 questions" in out, err
     code, out, _ = run(capsys, "report", str(RESULTS / "gsm8k_50"))
     assert code == 0 and "time-wtd" in out and "50 questions" in out
+
+
+def test_bench_sampling_checks_the_loglik_and_resume_refuses_other_settings(bench, tmp_path, capsys):
+    out = tmp_path / "sampled"
+    code, table, err = bench(out, "--limit", "1", "--max-new-tokens", "8", "--temperature", "1.0")
+    assert code == 0, err
+    header = table.splitlines()[0]
+    assert "loglik/token" in header and "differ vs HF" in header
+    data = json.loads((out / "report.json").read_text())
+    for row in data["systems"].values():  # every system samples: checked by likelihood and against HF's same-seed draw
+        assert row["loglik_per_token"] < 0 and "outputs_differing_from_vanilla" not in row
+        assert isinstance(row["outputs_differing_from_hf_generate"], int)
+    assert data["meta"]["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 1.0,
+                                        "top_k": 50, "top_p": 1.0, "min_p": None}
+    assert data["meta"]["seed"] == 0
+    records = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 and all(r["loglik"] <= 0 for r in records)
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["generation_settings"] == {"do_sample": True, "temperature": 1.0} and settings["seed"] == 0
+    assert "sampling, seed 0 (" in (out / "report.md").read_text() and "loglik/token" in (out / "report.md").read_text()
+    code, shown, _ = run(capsys, "report", str(out))
+    assert code == 0 and "sampling, seed 0 (" in shown and "loglik/token" in shown
+
+    code, _, err = bench(out, "--limit", "1", "--max-new-tokens", "8", "--temperature", "0.5", "--resume")
+    assert code == 2 and "other settings: generation_settings" in err and "'temperature': 0.5" in err
+    code, _, err = bench(out, "--limit", "1", "--max-new-tokens", "8", "--temperature", "1.0", "--seed", "1",
+                         "--resume")
+    assert code == 2 and "seed 0 (now 1)" in err

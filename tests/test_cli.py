@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM, BertConfig, BertModel
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
-from conftest import hf_greedy
+from conftest import hf_greedy, save_tiny_model_dir
 from ctcspec.cli import COMMANDS, build_parser, main
 from ctcspec.errors import CtcspecError
 
@@ -26,11 +27,66 @@ def test_generate_json_equals_hf_greedy(capsys, tiny_model_dir):
     record = json.loads(out)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     model.generation_config.eos_token_id = None
-    from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)(prompt)["input_ids"]
     assert record["output_ids"] == hf_greedy(model, ids, 20)  # the CLI runs packed kernels; the oracle does not
     assert record["stats"]["new_tokens"] == 20 and record["stats"]["steps"] >= 1
     assert record["drafter"] == "lookup"  # no CTC drafter ships for this model and none was given
+
+
+REPEATING = "w5 w6 w7 w5 w6 w7 w5 w6"
+
+
+def generate_json(capsys, model_dir, *flags) -> dict:
+    """`ctcspec generate --json` of 20 tokens after REPEATING, with the given decoding flags."""
+    code, out, err = run(capsys, "generate", "--model", str(model_dir), "--prompt", REPEATING, "--max-new-tokens", "20",
+                         "--json", *flags)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_generate_samples_reproducibly_from_a_seed(capsys, tiny_model_dir):
+    first, again, other = (generate_json(capsys, tiny_model_dir, "--temperature", "0.8", "--seed", seed)
+                           for seed in ("1", "1", "2"))
+    assert first["output_ids"] == again["output_ids"] != other["output_ids"]
+    assert first["seed"] == 1
+    assert first["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.8, "top_k": 50,
+                                 "top_p": 1.0, "min_p": None}  # transformers' defaults where the model sets none
+    unseeded = generate_json(capsys, tiny_model_dir, "--temperature", "0.8")
+    assert isinstance(unseeded["seed"], int)  # drawn, and reported so the output can be reproduced
+    assert generate_json(capsys, tiny_model_dir, "--temperature", "0.8", "--seed",
+                         str(unseeded["seed"]))["output_ids"] == unseeded["output_ids"]
+
+
+def test_temperature_zero_is_the_greedy_default(capsys, tiny_model_dir):
+    greedy = generate_json(capsys, tiny_model_dir)
+    assert generate_json(capsys, tiny_model_dir, "--temperature", "0")["output_ids"] == greedy["output_ids"]
+    assert greedy["decoding"] == {"do_sample": False, "repetition_penalty": 1.0} and greedy["seed"] is None
+
+
+def test_greedy_repetition_penalty_equals_hf_generate(capsys, tiny_model_dir):
+    record = generate_json(capsys, tiny_model_dir, "--repetition-penalty", "1.3")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_model_dir)(REPEATING)["input_ids"]])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                             repetition_penalty=1.3, pad_token_id=0)
+    assert record["output_ids"] == out[0, ids.shape[1]:].tolist()
+    assert record["output_ids"] != generate_json(capsys, tiny_model_dir)["output_ids"]  # the penalty mattered
+    assert record["decoding"] == {"do_sample": False, "repetition_penalty": 1.3}
+
+
+def test_sample_uses_the_model_generation_config(capsys, tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "tuned")
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.7,
+                                                                  "top_p": 0.8, "top_k": 20}))
+    sampled = generate_json(capsys, model_dir, "--sample", "--seed", "3")
+    assert sampled["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.7, "top_k": 20,
+                                   "top_p": 0.8, "min_p": None}
+    hotter = generate_json(capsys, model_dir, "--sample", "--temperature", "1.5", "--top-k", "5", "--seed", "3")
+    assert (hotter["decoding"]["temperature"], hotter["decoding"]["top_k"]) == (1.5, 5)  # the flags win
+    greedy = generate_json(capsys, model_dir)  # the model's do_sample=True does not make the default sample
+    assert greedy["decoding"]["do_sample"] is False and greedy["seed"] is None
 
 
 def test_generate_streams_text_and_prints_stats(capsys, tiny_model_dir):
@@ -38,7 +94,7 @@ def test_generate_streams_text_and_prints_stats(capsys, tiny_model_dir):
                          "--drafter", "vanilla", "--max-new-tokens", "8")
     assert code == 0
     assert len(out.split()) == 8
-    assert "beta 1.00" in err and "8 tokens in 8 steps" in err
+    assert "beta 1.00" in err and "8 tokens in 8 steps" in err and "greedy" in err
 
 
 def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_path):
@@ -131,8 +187,6 @@ def test_malformed_question_file_names_the_line(capsys, tmp_path, tiny_model_dir
 
 
 def test_prompt_longer_than_the_context(capsys, tmp_path):
-    from conftest import save_tiny_model_dir
-
     small = save_tiny_model_dir(tmp_path / "small", max_positions=16)
     code, _, err = run(capsys, "generate", "--model", str(small), "--prompt", " ".join(["w1"] * 20))
     assert code == 2 and "20 tokens" in err and "16" in err

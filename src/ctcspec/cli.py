@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,11 +24,12 @@ from ctcspec.backends import BACKENDS, Backend, make_backend
 from ctcspec.bench.peers import PEERS, PRECISIONS, converter_path, import_llama_cpp, make_peer
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, write_outputs
-from ctcspec.bench.run import bench_questions, bench_systems, system_runners
+from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
 from ctcspec.bench.store import BenchStore
-from ctcspec.bench.summary import format_category_table, format_table, read_report, subset_report
+from ctcspec.bench.summary import describe_decoding, format_category_table, format_table, read_report, subset_report
 from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
 from ctcspec.cpu_kernels import KERNELS
+from ctcspec.decoding import settings_in_effect
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
 from ctcspec.errors import CtcspecError, read_text_file
@@ -62,6 +66,65 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def bounded_float(accepts: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """An argparse type: a finite number that `accepts`, else a usage error saying it must be `expected`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    return parse
+
+
+# Flags that only shape sampling, by their settings key; given without sampling they are refused, not ignored.
+SAMPLING_ONLY = {"top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p"}
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """How the base model chooses tokens: `model.generate` settings, read by generation_settings."""
+    group = p.add_argument_group(
+        "decoding", "greedy by default, with the processors of the model's generation_config (as "
+                    "model.generate(do_sample=False)); --temperature T > 0 or --sample samples, with the distribution "
+                    "of model.generate(do_sample=True)")
+    group.add_argument("--temperature", type=bounded_float(lambda v: v >= 0, "at least 0"), default=None, metavar="T",
+                       help="0: greedy; above 0: sample at this temperature (overrides the generation_config's)")
+    group.add_argument("--sample", action="store_true",
+                       help="sample with the model's own generation_config settings (e.g. Qwen2.5-Instruct's "
+                            "temperature 0.7, top_p 0.8, top_k 20); the flags here override them")
+    group.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                       help="sampling: keep the K most likely tokens")
+    group.add_argument("--top-p", type=bounded_float(lambda v: 0 < v <= 1, "in (0, 1]"), default=None, metavar="P",
+                       help="sampling: keep the most likely tokens whose probabilities add up to P (nucleus)")
+    group.add_argument("--min-p", type=bounded_float(lambda v: 0 <= v <= 1, "in [0, 1]"), default=None, metavar="P",
+                       help="sampling: drop tokens less likely than P times the most likely one")
+    group.add_argument("--repetition-penalty", type=bounded_float(lambda v: v > 0, "above 0"), default=None,
+                       metavar="R", help="penalise tokens already in the sequence: their positive scores divided by "
+                                         "R, negative ones multiplied (greedy or sampling; 1 = none)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="seed of the sampling draws (bench: default 0, each question turn seeded from it, the "
+                            "same for every system; generate: default a fresh one, reported with the output)")
+
+
+def generation_settings(args) -> dict:
+    """The `model.generate` keyword arguments the decoding flags ask for; always says do_sample, so a model whose
+    generation_config samples still decodes greedily unless asked. Sampling-only flags without sampling, and
+    --sample with --temperature 0, are a CtcspecError."""
+    sample = args.sample or bool(args.temperature)
+    if args.sample and args.temperature == 0:
+        raise CtcspecError("--sample with --temperature 0: choose one (--temperature 0 is greedy)")
+    given = {key: getattr(args, key) for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+             if getattr(args, key) is not None}
+    if not sample:
+        unused = [flag for key, flag in SAMPLING_ONLY.items() if key in given]
+        if unused:
+            raise CtcspecError(f"{', '.join(unused)} only shape sampling: add --temperature T (above 0) or --sample")
+        given.pop("temperature", None)
+    return {"do_sample": sample, **given}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -168,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from one prompt, streaming, with statistics",
-                         description="Generate greedily from one prompt; output equals plain greedy decoding.")
+                         description="Generate from one prompt: greedy by default, token for token what "
+                                     "model.generate(do_sample=False) gives; sampling (--temperature, --sample) has "
+                                     "the distribution of model.generate(do_sample=True).")
     _add_model_args(gen)
     _add_kernel_args(gen)
     gen.add_argument("--drafter", default=None,
@@ -182,10 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-new-tokens", type=positive_int, default=256)
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_decoding_args(gen)
 
     bench = sub.add_parser("bench", help="benchmark drafters side by side against vanilla and HF generate",
                            description="Run each drafter and HF generate on the same questions (FastChat jsonl, "
-                                       "both turns; or GSM8K jsonl) and print beta, tokens/s and speedups.")
+                                       "both turns; or GSM8K jsonl) and print beta, tokens/s and speedups. "
+                                       "Sampling, every system gets the same seed per question turn, and the "
+                                       "mean log-likelihood per token of each system's outputs under the base "
+                                       "model replaces the count of outputs differing from vanilla.")
     _add_model_args(bench)
     _add_kernel_args(bench)
     bench.add_argument("--bench", "--questions", dest="questions", default="builtin",
@@ -213,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "runs/bench); results already there are never overwritten")
     bench.add_argument("--resume", action="store_true",
                        help="continue the run saved in --out (same settings): skip the questions it finished")
+    _add_decoding_args(bench)
 
     distill = sub.add_parser("distill", help="self-distillation: the base model answers training prompts",
                              description="Answer training prompts greedily with the base model and store the token "
@@ -358,26 +428,29 @@ def default_drafter(args, dirs: dict[str, Path]) -> str:
 
 def cmd_generate(args) -> int:
     text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
+    settings = generation_settings(args)
+    seed = args.seed if args.seed is not None or not settings["do_sample"] else secrets.randbelow(2**31)
     dirs = drafter_dirs(args)
     name = check_drafter_name(args.drafter or default_drafter(args, dirs))
     loaded, backend = _load_backend(args)
     drafter = build_drafter(name, args, backend, dirs)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
+    decoding = settings_in_effect(loaded.model, settings)
     engine = SpeculativeEngine(loaded.model, drafter, backend=backend)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
-    result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer)
+    result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer, seed=seed, **settings)
     stats = result.stats
     if args.json:
         print(json.dumps({"prompt": text, "model": str(loaded.path), "drafter": name,
-                          "settings": drafter.settings(),
+                          "settings": drafter.settings(), "decoding": decoding, "seed": seed,
                           "output": loaded.tokenizer.decode(result.tokens, skip_special_tokens=True),
                           "output_ids": result.tokens, "stats": stats.to_dict()}))
     else:
         print(file=sys.stdout)
         print(f"[{name}] {stats.new_tokens} tokens in {stats.steps} steps (beta {stats.beta:.2f}), "
               f"{stats.tokens_per_s:.1f} tok/s; time: draft {stats.draft_s:.2f}s, verify {stats.verify_s:.2f}s, "
-              f"bookkeeping {stats.bookkeeping_s:.2f}s, prefill {stats.prefill_s:.2f}s; stop: {stats.stop_reason}",
-              file=sys.stderr)
+              f"bookkeeping {stats.bookkeeping_s:.2f}s, prefill {stats.prefill_s:.2f}s; stop: {stats.stop_reason}; "
+              f"{describe_decoding(decoding, seed)}", file=sys.stderr)
     return 0
 
 
@@ -413,16 +486,23 @@ def _abspath(path) -> str:
     return str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def bench_settings(args, systems: list[str], dirs: dict[str, Path]) -> dict:
+def bench_seed(args) -> int:
+    """bench's --seed: 0 unless given."""
+    return 0 if args.seed is None else args.seed
+
+
+def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: dict) -> dict:
     """What `bench --resume` requires to equal the saved run's (DIR/run.json): the model, the questions and their
-    selection, the systems, the generation length, the drafter files and flags, and the device settings."""
+    selection, the systems, the generation length and settings (with the seed; both left out when greedy with
+    no other setting, as runs saved before they existed), the drafter files and flags, and the device settings."""
+    decoding = {} if settings == GREEDY else {"generation_settings": settings, "seed": bench_seed(args)}
     kinds = sorted({MODULE_KIND[name] for name in systems if name in MODULE_KIND})
     return {"model": _abspath(args.model), "questions": _abspath(args.questions), "per_category": args.per_category,
             "limit": args.limit, "systems": systems, "max_new_tokens": args.max_new_tokens,
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None}
+            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None, **decoding}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -443,6 +523,9 @@ def write_bench_outputs(store: BenchStore, meta: dict) -> None:
 def cmd_bench(args) -> int:
     dirs = drafter_dirs(args)
     names = bench_drafter_names(args, dirs)  # before loading anything
+    settings = generation_settings(args)
+    if args.peers and settings["do_sample"]:
+        raise CtcspecError("--peers: the llama.cpp peers decode greedily only; drop --peers to sample")
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
@@ -450,19 +533,23 @@ def cmd_bench(args) -> int:
     if args.peers:  # before loading anything: say what is missing
         import_llama_cpp()
         converter_path()
-    store = BenchStore.open(args.out, bench_settings(args, systems, dirs), questions, systems, resume=args.resume)
+    store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings), questions, systems,
+                            resume=args.resume)
     loaded, backend = _load_backend(args)
+    decoding, seed = settings_in_effect(loaded.model, settings), bench_seed(args)
     drafters = {name: build_drafter(name, args, backend, dirs) for name in names}
-    runners = system_runners(backend, drafters, build_peers(args, loaded))
+    runners = system_runners(backend, drafters, build_peers(args, loaded), settings)
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
             "command": "ctcspec " + " ".join(sys.argv[1:]), "max_new_tokens": args.max_new_tokens,
             "device": args.device, "dtype": args.dtype, **environment(), **backend.describe(),
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()},
+            "decoding": decoding, "seed": seed,
             **({"peer_precision": args.peer_precision} if args.peers else {})}
     try:
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
-                                       start=store.n_done):
+                                       start=store.n_done, seed=seed,
+                                       scorer=loglik_scorer(loaded.model, decoding)):
             store.append(records)
     except KeyboardInterrupt:
         write_bench_outputs(store, meta)
@@ -521,7 +608,8 @@ def cmd_report(args) -> int:
     if args.per_category is not None or args.limit is not None:
         picked = len({r["question_id"] for rows in shown["turns"].values() for r in rows})
         count = f"{picked} of {count} (--per-category {args.per_category}, --limit {args.limit})"
-    print(f"{questions}: {count}, {max_new} new tokens, model {model}, threads {threads}")
+    print(f"{questions}: {count}, {max_new} new tokens, {describe_decoding(meta.get('decoding'), meta.get('seed'))}, "
+          f"model {model}, threads {threads}")
     print(tables[0])
     print()
     print(tables[1])

@@ -46,13 +46,13 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits
     (to choose its backend or reuse it across calls). Returns what generate returns: the sequences (prompt +
     new tokens), or a GenerateDecoderOnlyOutput holding them with return_dict_in_generate=True."""
     streamer = _generate_streamer()
-    _check_input(input_ids, model_kwargs.get("attention_mask"))
+    decoding = Decoding.from_generate(logits_processor, stopping_criteria, generation_config)  # first: num_beams
+    _check_input(input_ids, model_kwargs.get("attention_mask"))  # generate repeats the prompt num_beams times
     if (drafter is None) == (engine is None):
         raise CtcspecError("speculative_generate needs either drafter= or engine= (not both)")
     engine = engine or SpeculativeEngine(model, drafter)
     if engine.model is not model:
         raise CtcspecError("the engine was built for another model than the one generating")
-    decoding = Decoding.from_generate(logits_processor, stopping_criteria, generation_config)
     prompt = input_ids[0].tolist()
     on_tokens = (lambda tokens: streamer.put(torch.tensor(tokens))) if streamer is not None else None
     result = engine.generate(prompt, generation_config.max_length - len(prompt), on_tokens=on_tokens,

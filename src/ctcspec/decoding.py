@@ -6,8 +6,8 @@ length, temperature, top-k, top-p, min-p, ...) and stopping criteria (max length
 caller's own). The engine applies the processors at every verified node to that node's own prefix (the
 sequence, then the draft path down to it) in float32, as generate does, and takes the argmax of the processed
 scores, or draws from their softmax when sampling. Each emitted token is checked against the stopping criteria
-with its own prefix. So speculative decoding changes how many forwards run, never which tokens come out (or,
-sampling, their distribution).
+with its own prefix (and no scores, as generate passes none without output_scores). So speculative decoding
+changes how many forwards run, never which tokens come out (or, sampling, their distribution).
 
 Processors are called once per visited node instead of once per emitted token, so only processors that are pure
 functions of (prefix, scores) can be honoured; anything else is refused by name (`check_processors`).
@@ -62,6 +62,7 @@ class Decoding:
     do_sample: bool = False
     eos: frozenset[int] = frozenset()
     generator: torch.Generator | None = None   # sampling draws from it (None: torch's global generator, as HF)
+    config: GenerationConfig | None = None     # the generation config generate prepared, for reports
 
     @classmethod
     def from_generate(cls, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList,
@@ -74,7 +75,7 @@ class Decoding:
         if (generation_config.num_beams or 1) > 1:
             raise CtcspecError("beam search (num_beams > 1) is not speculative decoding's output; use num_beams=1")
         return cls(logits_processor, stopping_criteria, bool(generation_config.do_sample), eos_ids(generation_config),
-                   generator)
+                   generator, generation_config)
 
 
 def _prepared(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
@@ -96,19 +97,27 @@ def decoding_for(model: torch.nn.Module, prompt_ids: Sequence[int], seed: int | 
     return Decoding.from_generate(*prepared, generator=generator)
 
 
+def settings_in_effect(model: torch.nn.Module, settings: dict) -> dict:
+    """The knobs `model.generate(do_sample=False, **settings)` decodes with, as transformers merges them (settings
+    over the model's generation_config over transformers' defaults): do_sample and repetition_penalty, and when
+    sampling temperature, top_k, top_p and min_p. Invalid settings are a CtcspecError."""
+    config = decoding_for(model, [0], max_new_tokens=1, **settings).config
+    sampling = ("temperature", "top_k", "top_p", "min_p") if config.do_sample else ()
+    keys = ("do_sample", "repetition_penalty", *sampling)
+    return {key: getattr(config, key) for key in keys}
+
+
 class NodeChooser:
     """The base model's next token after each verified node, chosen as generate would choose it there.
 
     `logits` are the verification forward's (nodes, vocab); node 0 follows `sequence` (whose last token is the
-    root), node n follows `sequence` + the draft tokens on the path down to n. Scores are kept per visited node
-    for the stopping criteria.
+    root), node n follows `sequence` + the draft tokens on the path down to n.
     """
 
     def __init__(self, decoding: Decoding, logits: torch.Tensor, sequence: torch.Tensor):
         self.decoding, self.logits, self.sequence = decoding, logits, sequence
         plain = not decoding.do_sample and not decoding.processors
         self.greedy = logits.argmax(dim=-1).tolist() if plain else None
-        self.scores: dict[int, torch.Tensor] = {}
 
     def __call__(self, node: int, drafted: list[int]) -> int:
         if self.greedy is not None:
@@ -117,12 +126,7 @@ class NodeChooser:
         if self.decoding.processors:
             prefix = torch.cat([self.sequence, torch.tensor(drafted, dtype=self.sequence.dtype)])
             scores = self.decoding.processors(prefix[None].to(scores.device), scores)
-        self.scores[node] = scores
         if self.decoding.do_sample:
             probs = torch.softmax(scores, dim=-1)
             return int(torch.multinomial(probs, 1, generator=self.decoding.generator))
         return int(scores.argmax(dim=-1))
-
-    def scores_at(self, node: int) -> torch.Tensor:
-        """The processed scores (1, vocab) a token was chosen from at `node` (the raw ones on the plain greedy path)."""
-        return self.scores[node] if node in self.scores else self.logits[node : node + 1].float()

@@ -73,7 +73,6 @@ class StepOutcome:
     path: list[int]                # verification nodes kept (0 = root); tokens[i] was chosen at node path[i]
     hidden: torch.Tensor | None    # base hidden states of the kept nodes, if asked for
     verify_s: float                # time of the base forward alone
-    chooser: NodeChooser           # the scores each token was chosen from, for the stopping criteria
 
 
 def speculative_step(backend: Backend, cache, tokens: torch.Tensor, tree: TokenTree,
@@ -85,11 +84,11 @@ def speculative_step(backend: Backend, cache, tokens: torch.Tensor, tree: TokenT
     start = time.perf_counter()
     verified = verify_tree(backend, cache, root, tree, want_hidden=want_hidden)
     verify_s = time.perf_counter() - start
-    chooser = NodeChooser(decoding or Decoding(), verified.logits, tokens)
-    accepted = accept_path([root, *tree.tokens], node_parents(tree), chooser)
+    choose = NodeChooser(decoding or Decoding(), verified.logits, tokens)
+    accepted = accept_path([root, *tree.tokens], node_parents(tree), choose)
     backend.keep(cache, past_len, accepted.path)
     hidden = verified.hidden[accepted.path] if want_hidden else None
-    return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s, chooser)
+    return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
 
 
 def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> None:
@@ -132,21 +131,20 @@ class SpeculativeEngine:
         max_context, limit = self.backend.context_limit(self.max_context)
         if len(prompt) >= max_context:
             raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
+        start = time.perf_counter()  # preparing the settings counts, as in HF generate's own time
         if decoding is None:
             decoding = decoding_for(self.model, prompt, seed=seed, max_new_tokens=max_new_tokens, **settings)
         token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
         # room for the prompt, a first stretch of generation and one tree; a static cache grows past it if needed
         cache = self.backend.new_cache(min(max_context, len(prompt) + min(token_limit, 1024) + self.max_tree_budget))
         hidden = self.drafter.needs_hidden_states
-        start = time.perf_counter()
         self.drafter.reset()
         first = prefill(self.backend, cache, prompt, want_hidden=hidden)
         tokens = torch.tensor(prompt)
-        chooser = NodeChooser(decoding, first.logits, tokens)
-        new = [chooser(0, [])]
+        new = [NodeChooser(decoding, first.logits, tokens)(0, [])]
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
-        stop = self._emit(result, tokens, new, [0], chooser, decoding, token_limit, on_tokens)
+        stop = self._emit(result, tokens, new, decoding, token_limit, on_tokens)
         tokens = torch.cat([tokens, torch.tensor(new)])
         new_hidden, accepted = first.hidden, 0
 
@@ -162,7 +160,7 @@ class SpeculativeEngine:
             step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden, decoding=decoding)
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
-            stop = self._emit(result, tokens, step.tokens, step.path, step.chooser, decoding, token_limit, on_tokens)
+            stop = self._emit(result, tokens, step.tokens, decoding, token_limit, on_tokens)
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])
             t4 = time.perf_counter()
             stats.steps += 1
@@ -176,10 +174,11 @@ class SpeculativeEngine:
         return result
 
     @staticmethod
-    def _emit(result: GenerationResult, sequence: torch.Tensor, new: list[int], nodes: list[int], chooser: NodeChooser,
-              decoding: Decoding, token_limit: int, on_tokens: Callable[[list[int]], None] | None) -> bool:
-        """Append a step's tokens (new[i] was chosen at verification node nodes[i], after `sequence` + new[:i]),
-        cut after the first that ends generation: EOS, a stopping criterion, or max_new_tokens. True when it ended."""
+    def _emit(result: GenerationResult, sequence: torch.Tensor, new: list[int], decoding: Decoding, token_limit: int,
+              on_tokens: Callable[[list[int]], None] | None) -> bool:
+        """Append a step's tokens (new[i] follows `sequence` + new[:i]), cut after the first that ends generation:
+        EOS, max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it
+        without output_scores, no scores). True when it ended."""
         stats = result.stats
         ids = torch.cat([sequence, torch.tensor(new, dtype=sequence.dtype)])[None]
         keep = 0
@@ -190,7 +189,7 @@ class SpeculativeEngine:
                 stats.stop_reason = "eos"
             elif len(result.tokens) + keep >= token_limit:
                 stats.stop_reason = "max_new_tokens"
-            elif decoding.stopping and bool(decoding.stopping(ids[:, :end], chooser.scores_at(nodes[i])).any()):
+            elif decoding.stopping and bool(decoding.stopping(ids[:, :end], None).any()):
                 stats.stop_reason = "stopping_criteria"
             if stats.stop_reason:
                 break

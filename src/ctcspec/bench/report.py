@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ctcspec.bench.summary import HF, per_category, write_report
+from ctcspec.bench.summary import HF, describe_decoding, output_checks, per_category, sampled_rows, write_report
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -71,25 +71,34 @@ def answer_records(report: dict, model_id: str) -> dict[str, list[dict]]:
 
 def markdown_report(report: dict, meta: dict) -> str:
     systems, cats = report["systems"], per_category(report)
+    sampling = sampled_rows(systems)
+    check, check_note = (("loglik/token | differ from HF generate", "Loglik/token: mean log-likelihood per generated "
+                          "token under the base model at the sampling temperature (teacher-forced, before "
+                          "top-k/top-p and penalties); a sampler that drifted from the base distribution would "
+                          "differ from HF generate's. Differ from HF generate: outputs not token-identical to HF "
+                          "generate's sample with the same seed (the same draws, so 0 unless a tree forward rounds "
+                          "a probability differently). ")
+                         if sampling else ("differ from vanilla", ""))
     lines = [f"# ctcspec bench: {meta.get('bench', meta.get('questions'))}", "",
              f"Model `{Path(str(meta.get('model', '?'))).name}`, {meta.get('n_questions')} questions "
              f"({sum(1 for _ in report['turns'].get('vanilla', []))} turns), {meta.get('max_new_tokens')} new tokens, "
-             f"greedy, {meta.get('device')} {meta.get('dtype')}, threads {meta.get('threads')}, "
+             f"{describe_decoding(meta.get('decoding'), meta.get('seed'))}, {meta.get('device')} {meta.get('dtype')}, "
+             f"threads {meta.get('threads')}, "
              f"linear kernels {meta.get('kernels', 'plain')} (HF generate: always the stock layers).", "",
              *([f"Interrupted: {meta.get('n_questions')} of {meta.get('n_questions_planned')} questions done "
                 "(`ctcspec bench ... --resume` continues).", ""] if meta.get("complete") is False else []),
              "β: tokens per base-model forward. γ: mean over turns of tokens/s ÷ the reference's tokens/s. "
              "Time-weighted: total tokens ÷ total seconds, over vanilla's. Draft %: share of decoding time spent "
-             "drafting. Loops: answers ending in a repetition loop.", "",
+             f"drafting. {check_note}Loops: answers ending in a repetition loop.", "",
              "| drafter | β | tok/s | γ vs vanilla | (median) | time-weighted vs vanilla | γ vs HF generate | draft % "
-             "| differ from vanilla | loops |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| {check} | loops |",
+             "|---" * 8 + "|---" * (3 if sampling else 2) + "|"]
     for name, s in systems.items():
         cells = [f"{s[k]:.2f}x" if k in s else "-" for k in (
             "speedup_vs_vanilla", "median_speedup_vs_vanilla", "time_weighted_speedup_vs_vanilla", f"speedup_vs_{HF}")]
         draft = f"{100 * s['draft_share']:.1f}" if "draft_share" in s else "-"
         lines.append(f"| {name} | {s['beta']:.2f} | {s['tokens_per_s']:.1f} | {' | '.join(cells)} | {draft} | "
-                     f"{s.get('outputs_differing_from_vanilla', '-')} | {s.get('answers_ending_in_loop', '-')} |")
+                     f"{' | '.join(output_checks(s, sampling))} | {s.get('answers_ending_in_loop', '-')} |")
     categories = sorted({c for rows in cats.values() for c in rows})
     if len(categories) > 1:
         lines += ["", "Per category, β / γ vs vanilla:", "",

@@ -7,22 +7,29 @@ system), each keeping its own conversation. Results
 come out question by question as per-turn records (see `TurnRecord.to_dict`), so a caller can save
 each question as soon as it is done; summary.py turns the records into beta, tokens/s, speedups and
 how many outputs differ from vanilla.
+
+Every system decodes with the same generation settings (`model.generate` keyword arguments: greedy, or
+sampling) and, per question turn, the same seed (`turn_seed`). Sampled outputs cannot be compared token for
+token, so when sampling each turn also records the log-likelihood of its output under the base model
+(`output_loglik`): a system whose sampler drifted from the base distribution shows another mean per token
+than HF generate's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 from ctcspec.backends import Backend
 from ctcspec.bench.questions import Question
 from ctcspec.bench.summary import HF, report_of
 from ctcspec.cpu_kernels import plain_linear_layers
+from ctcspec.decoding import settings_in_effect
 from ctcspec.drafters import Drafter
 from ctcspec.engine import SpeculativeEngine, eos_ids_of
 from ctcspec.prompts import encode_chat
@@ -39,6 +46,7 @@ class TurnRecord:
     draft_s: float = 0.0
     verify_s: float = 0.0
     bookkeeping_s: float = 0.0
+    loglik: float | None = None  # sampling: the output's log-likelihood under the base model (output_loglik)
 
     @property
     def tokens_per_s(self) -> float:
@@ -49,7 +57,7 @@ class TurnRecord:
         return {"system": system, "question_id": self.question_id, "category": self.category, "turn": self.turn,
                 "new_tokens": len(self.tokens), "steps": self.steps, "seconds": self.seconds,
                 "draft_s": self.draft_s, "verify_s": self.verify_s, "bookkeeping_s": self.bookkeeping_s,
-                "tokens": list(self.tokens), "text": text}
+                "tokens": list(self.tokens), "text": text, **({} if self.loglik is None else {"loglik": self.loglik})}
 
 
 def bench_systems(drafter_names: list[str], include_hf: bool = True, peers: Sequence[str] = ()) -> list[str]:
@@ -57,15 +65,39 @@ def bench_systems(drafter_names: list[str], include_hf: bool = True, peers: Sequ
     return [*drafter_names, *([HF] if include_hf else []), *peers]
 
 
-def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
-    """Stock HF greedy `generate`: on the model's original linear layers even when the engines run packed ones."""
+GREEDY = {"do_sample": False}  # the generation settings of a greedy run
+
+
+def turn_seed(seed: int, question_id: str, turn: int) -> int:
+    """The seed every system samples one question turn with: a function of (seed, question id, turn) alone, so a
+    question gets the same seeds whatever else a run selects, resumed or not."""
+    digest = hashlib.sha256(f"{seed}/{question_id}/{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+def output_loglik(model, prompt: list[int], tokens: list[int], temperature: float) -> float:
+    """The sum over `tokens` of log p(token | prompt + the tokens before it), p the softmax of the base model's raw
+    logits divided by `temperature` (no other processor), teacher-forced in one forward; 0 for no tokens."""
+    if not tokens:
+        return 0.0
+    ids = torch.tensor([prompt + tokens], device=model.device)
+    with torch.inference_mode():
+        logits = model(ids, use_cache=False, logits_to_keep=len(tokens) + 1).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return float(logprobs.gather(1, ids[0, len(prompt):, None]).sum())
+
+
+def hf_generate(model, prompt: list[int], max_new_tokens: int, seed: int | None = None, **settings) -> TurnRecord:
+    """Stock HF `generate(do_sample=False, **settings)` (the model's generation_config merged in), on the model's
+    original linear layers even when the engines run packed ones; sampling after torch.manual_seed(seed)."""
     eos = sorted(eos_ids_of(model))
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                              pad_token_id=eos[0] if eos else 0)
     ids = torch.tensor([prompt], device=model.device)
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.inference_mode(), plain_linear_layers(model):
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0, **{**GREEDY, **settings})
         seconds = time.perf_counter() - start
     tokens = out[0, len(prompt):].tolist()
     cut = next((i for i, t in enumerate(tokens) if t in eos), None)  # be exact should anything follow EOS
@@ -73,44 +105,55 @@ def hf_generate(model, prompt: list[int], max_new_tokens: int) -> TurnRecord:
     return TurnRecord("", "", 0, tokens, len(tokens), seconds, verify_s=seconds)
 
 
-Runner = Callable[[list[int], int], TurnRecord]  # (prompt ids, max new tokens) -> one turn
+Runner = Callable[[list[int], int, int], TurnRecord]  # (prompt ids, max new tokens, seed) -> one turn
+Scorer = Callable[[list[int], list[int]], float]  # (prompt ids, output ids) -> the output's log-likelihood
 
 
-def engine_runner(engine: SpeculativeEngine) -> Runner:
-    def run(prompt: list[int], max_new_tokens: int) -> TurnRecord:
-        result = engine.generate(prompt, max_new_tokens)
+def engine_runner(engine: SpeculativeEngine, settings: dict) -> Runner:
+    def run(prompt: list[int], max_new_tokens: int, seed: int) -> TurnRecord:
+        result = engine.generate(prompt, max_new_tokens, seed=seed, **settings)
         s = result.stats
         return TurnRecord("", "", 0, result.tokens, s.steps, s.total_s, s.draft_s, s.verify_s, s.bookkeeping_s)
     return run
 
 
 def peer_runner(peer) -> Runner:
-    """A peer system (bench/peers.py): only its total time is known, no draft/verify split."""
-    def run(prompt: list[int], max_new_tokens: int) -> TurnRecord:
+    """A peer system (bench/peers.py): greedy only (the seed is unused); only its total time is known, no
+    draft/verify split."""
+    def run(prompt: list[int], max_new_tokens: int, seed: int) -> TurnRecord:
         result = peer.generate(prompt, max_new_tokens)
         return TurnRecord("", "", 0, result.tokens, result.steps, result.seconds, verify_s=result.seconds)
     return run
 
 
-def system_runners(backend: Backend, drafters: dict[str, Drafter], peers: dict | None = None) -> dict[str, Runner]:
-    """Every system a bench can run, by name: one engine per drafter, HF `generate`, and the given peers."""
-    runners = {name: engine_runner(SpeculativeEngine(backend.model, drafter, backend=backend))
+def system_runners(backend: Backend, drafters: dict[str, Drafter], peers: dict | None = None,
+                   settings: dict | None = None) -> dict[str, Runner]:
+    """Every system a bench can run, by name: one engine per drafter, HF `generate`, and the given peers; the
+    engines and HF generate decode with the generation `settings` (default: greedy)."""
+    settings = settings or GREEDY
+    runners = {name: engine_runner(SpeculativeEngine(backend.model, drafter, backend=backend), settings)
                for name, drafter in drafters.items()}
-    runners[HF] = lambda prompt, max_new_tokens: hf_generate(backend.model, prompt, max_new_tokens)
+    runners[HF] = lambda prompt, max_new_tokens, seed: hf_generate(backend.model, prompt, max_new_tokens, seed,
+                                                                   **settings)
     runners.update({name: peer_runner(peer) for name, peer in (peers or {}).items()})
     return runners
 
 
 def run_question(question: Question, order: list[str], runners: dict[str, Runner], tokenizer,
-                 max_new_tokens: int, bar: tqdm) -> list[dict]:
-    """Every system on every turn of one question (systems in `order` within each turn), each with its own
-    conversation; the per-turn records in run order."""
+                 max_new_tokens: int, bar: tqdm, seed: int = 0, scorer: Scorer | None = None) -> list[dict]:
+    """Every system on every turn of one question (systems in `order` within each turn, all with the turn's
+    seed), each with its own conversation; the per-turn records in run order, each output scored by `scorer`
+    (untimed) when there is one."""
     history: dict[str, list[dict]] = {n: [] for n in order}
     records = []
     for turn_index, turn in enumerate(question.turns):
+        seed_here = turn_seed(seed, question.question_id, turn_index)
         for name in order:
             history[name].append({"role": "user", "content": turn})
-            record = runners[name](encode_chat(tokenizer, history[name]), max_new_tokens)
+            prompt = encode_chat(tokenizer, history[name])
+            record = runners[name](prompt, max_new_tokens, seed_here)
+            if scorer is not None:
+                record.loglik = scorer(prompt, record.tokens)
             record.question_id, record.category, record.turn = question.question_id, question.category, turn_index
             answer = tokenizer.decode(record.tokens, skip_special_tokens=True)
             records.append(record.to_dict(name, answer))
@@ -120,28 +163,38 @@ def run_question(question: Question, order: list[str], runners: dict[str, Runner
 
 
 def bench_questions(runners: dict[str, Runner], tokenizer, questions: list[Question], max_new_tokens: int,
-                    systems: list[str], start: int = 0, progress: bool = True) -> Iterator[list[dict]]:
+                    systems: list[str], start: int = 0, progress: bool = True, seed: int = 0,
+                    scorer: Scorer | None = None) -> Iterator[list[dict]]:
     """Yields the records of questions[start:], one question (all systems, all its turns) at a time. The system
-    order of question i is `systems` rotated by i, whatever `start` is, so a resumed run matches an unbroken one.
-    Nothing runs (not even the warm-up) when no question is left."""
+    order of question i is `systems` rotated by i and its seeds are turn_seed(seed, ...), whatever `start` is, so
+    a resumed run matches an unbroken one. Nothing runs (not even the warm-up) when no question is left."""
     todo = questions[start:]
     if not todo:
         return
     warm = encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])
     for name in systems:  # first calls pay one-off costs; keep them out of the timings
-        runners[name](warm, 8)
+        runners[name](warm, 8, seed)
     units = sum(len(q.turns) for q in todo) * len(systems)
     with tqdm(total=units, desc="bench", unit="gen", disable=not progress) as bar:
         for qi, question in enumerate(todo, start=start):
             order = systems[qi % len(systems):] + systems[: qi % len(systems)]
-            yield run_question(question, order, runners, tokenizer, max_new_tokens, bar)
+            yield run_question(question, order, runners, tokenizer, max_new_tokens, bar, seed, scorer)
+
+
+def loglik_scorer(model, decoding: dict) -> Scorer | None:
+    """Sampling (`decoding` as settings_in_effect gives it): output_loglik at the temperature in effect; greedy:
+    None (outputs are compared token for token instead)."""
+    if not decoding["do_sample"]:
+        return None
+    return lambda prompt, tokens: output_loglik(model, prompt, tokens, decoding["temperature"])
 
 
 def run_bench(backend: Backend, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
-              include_hf: bool = True, progress: bool = True) -> dict:
+              include_hf: bool = True, progress: bool = True, settings: dict | None = None, seed: int = 0) -> dict:
     """The whole benchmark in memory: the report ({"systems", "turns"}) of every question."""
     systems = bench_systems(list(drafters), include_hf)
-    runners = system_runners(backend, drafters)
+    runners = system_runners(backend, drafters, settings=settings)
+    scorer = loglik_scorer(backend.model, settings_in_effect(backend.model, settings or GREEDY))
     records = [r for rows in bench_questions(runners, tokenizer, questions, max_new_tokens, systems,
-                                             progress=progress) for r in rows]
+                                             progress=progress, seed=seed, scorer=scorer) for r in rows]
     return report_of(records, systems)

@@ -1,7 +1,8 @@
 """Summaries of a bench run, computed from its per-turn records (dicts: question_id, category, turn, new_tokens,
-steps, seconds, text; from a live run also draft_s, verify_s, bookkeeping_s and the token ids): per system beta,
-tokens/s, speedups (mean and median over turns of the per-turn tokens/s ratio, the paper's gamma, and the
-time-weighted ratio of total tokens over total seconds), answers ending in a repetition loop, per category, and
+steps, seconds, text; from a live run also draft_s, verify_s, bookkeeping_s and the token ids; from a sampling run
+loglik): per system beta, tokens/s, speedups (mean and median over turns of the per-turn tokens/s ratio, the paper's
+gamma, and the time-weighted ratio of total tokens over total seconds), outputs differing from vanilla (greedy) or
+the mean log-likelihood per token of the outputs (sampling), answers ending in a repetition loop, per category, and
 the plain-text tables the CLI prints."""
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ def _timing_shares(records: list[dict]) -> dict[str, float]:
             "bookkeeping_share": sum(r["bookkeeping_s"] for r in records) / decode}
 
 
+def sampled(records: list[dict]) -> bool:
+    """Whether the records come from a sampling run: every turn carries its output's log-likelihood."""
+    return bool(records) and all("loglik" in r for r in records)
+
+
+def _loglik_per_token(records: list[dict]) -> dict[str, float]:
+    """Sampling: the outputs' summed log-likelihood over their summed tokens; empty when greedy or no tokens."""
+    tokens = sum(r["new_tokens"] for r in records)
+    if not sampled(records) or not tokens:
+        return {}
+    return {"loglik_per_token": sum(r["loglik"] for r in records) / tokens}
+
+
+def describe_decoding(decoding: dict | None, seed: int | None) -> str:
+    """How tokens were chosen, in words: "greedy" or "sampling, seed S", then the knobs in effect (a report
+    from before decoding was recorded was greedy)."""
+    decoding = decoding or {"do_sample": False}
+    knobs = ", ".join(f"{key} {value}" for key, value in decoding.items() if key != "do_sample" and value is not None)
+    mode = f"sampling, seed {seed}" if decoding["do_sample"] else "greedy"
+    return f"{mode} ({knobs})" if knobs else mode
+
+
 def summarize_system(records: list[dict], turns: dict[str, list[dict]]) -> dict:
     """One system's row. Invariants: `records` is not empty, and it and every reference's records in `turns` are
     the same turns in the same order (zip(strict=True) fails otherwise)."""
@@ -71,8 +94,15 @@ def summarize_system(records: list[dict], turns: dict[str, list[dict]]) -> dict:
     if reference is not None:
         if _throughput(reference):
             row["time_weighted_speedup_vs_vanilla"] = _throughput(records) / _throughput(reference)
-        row["outputs_differing_from_vanilla"] = sum(
-            _output(a) != _output(b) for a, b in zip(records, reference, strict=True))
+        if not sampled(records):  # sampled outputs differ by chance; their log-likelihood is checked instead
+            row["outputs_differing_from_vanilla"] = sum(
+                _output(a) != _output(b) for a, b in zip(records, reference, strict=True))
+    if sampled(records) and HF in turns:
+        # The engine draws one token per emitted token from the processed distribution, as HF's loop does, so with
+        # the same seed it reproduces HF's sample unless a forward over a tree rounds a probability differently.
+        row[f"outputs_differing_from_{HF}"] = sum(
+            _output(a) != _output(b) for a, b in zip(records, turns[HF], strict=True))
+    row.update(_loglik_per_token(records))
     row["answers_ending_in_loop"] = sum(ends_in_loop(r["text"]) for r in records)
     return row
 
@@ -156,12 +186,30 @@ def _percent(s: dict, key: str) -> str:
     return f"{100 * s[key]:.1f}" if key in s else "-"
 
 
+def sampled_rows(systems: dict[str, dict]) -> bool:
+    """Whether a report's rows come from a sampling run (they check the outputs' log-likelihood)."""
+    return any("loglik_per_token" in s for s in systems.values())
+
+
+def output_checks(s: dict, sampling: bool) -> list[str]:
+    """One row's output checks: outputs differing from vanilla (greedy); sampling, the mean log-likelihood per token
+    and the outputs differing from HF generate's with the same seed."""
+    if sampling:
+        return [f"{s['loglik_per_token']:.3f}" if "loglik_per_token" in s else "-",
+                str(s.get(f"outputs_differing_from_{HF}", "-"))]
+    return [str(s.get("outputs_differing_from_vanilla", "-"))]
+
+
 def format_table(report: dict) -> str:
     """One row per system; "vs vanilla" is gamma (mean of per-turn ratios), "time-wtd" total tokens over total
-    seconds against vanilla's, "loops" the answers ending in a repetition loop."""
+    seconds against vanilla's, "differ" the outputs differing from vanilla's (greedy) or, sampling, "loglik/token"
+    the outputs' mean log-likelihood per token under the base model, "loops" the answers ending in a repetition
+    loop."""
     peer = any(f"speedup_vs_{LLAMA_CPP}" in s for s in report["systems"].values())
+    sampling = sampled_rows(report["systems"])
     header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "time-wtd", "vs HF", "(median)",
-              *(["vs llama.cpp", "(median)"] if peer else []), "draft%", "bookkeep%", "differ", "loops"]
+              *(["vs llama.cpp", "(median)"] if peer else []), "draft%", "bookkeep%",
+              *(["loglik/token", "differ vs HF"] if sampling else ["differ"]), "loops"]
     rows = [header]
     for name, s in report["systems"].items():
         rows.append([
@@ -171,7 +219,7 @@ def format_table(report: dict) -> str:
                 "speedup_vs_hf_generate", "median_speedup_vs_hf_generate",
                 *([f"speedup_vs_{LLAMA_CPP}", f"median_speedup_vs_{LLAMA_CPP}"] if peer else []))),
             _percent(s, "draft_share"), _percent(s, "bookkeeping_share"),
-            str(s.get("outputs_differing_from_vanilla", "-")), str(s.get("answers_ending_in_loop", "-")),
+            *output_checks(s, sampling), str(s.get("answers_ending_in_loop", "-")),
         ])
     return _align(rows)
 
