@@ -182,6 +182,12 @@ CASES = {
         lambda f: _gen(f, "--top-k", "5"), ("--top-k only shape sampling", "--temperature", "--sample")),
     "bench: --peers with sampling": (
         lambda f: _bench(f, "--peers", "llama.cpp", "--temperature", "1"), ("--peers", "greedily only")),
+    "bench: --peers with a repetition penalty": (
+        lambda f: _bench(f, "--peers", "llama.cpp", "--repetition-penalty", "1.3"), ("--peers", "logits processors")),
+    "generate: --seed too large": (
+        lambda f: _gen(f, "--temperature", "1", "--seed", str(2**64)), ("--seed", "must be in [0, 2**63)")),
+    "generate: --seed without sampling": (
+        lambda f: _gen(f, "--seed", "3"), ("--seed only shape sampling", "--temperature")),
 }
 if importlib.util.find_spec("llama_cpp") is None:  # CI: the peers are a separate `make peers`
     CASES["bench: --peers llama.cpp without llama-cpp-python"] = (

@@ -16,7 +16,7 @@ from ctcspec.bench.run import TurnRecord, hf_generate, output_loglik, system_run
 from ctcspec.bench.store import RECORD_KEYS, BenchStore, finished_questions, read_records
 from ctcspec.bench.summary import (
     HF,
-    describe_decoding,
+    describe_settings,
     ends_in_loop,
     format_table,
     per_category,
@@ -67,16 +67,16 @@ def test_sampled_runs_report_loglik_per_token_and_differences_from_hf_instead_of
     header, _, vanilla_row, lookup_row, _ = format_table(report).splitlines()
     assert header.split()[-5:] == ["loglik/token", "differ", "vs", "HF", "loops"]
     assert vanilla_row.split()[-3:] == ["-1.000", "0", "0"] and lookup_row.split()[-3:] == ["-1.500", "1", "0"]
-    markdown = markdown_report(report, {"decoding": {"do_sample": True, "temperature": 0.7}, "seed": 5})
+    markdown = markdown_report(report, {"settings_in_effect": {"do_sample": True, "temperature": 0.7}, "seed": 5})
     assert "sampling, seed 5 (temperature 0.7)" in markdown
     assert "| loglik/token | differ from HF generate | loops |" in markdown
     assert "| lookup | 2.00 |" in markdown and "| -1.500 | 1 | 0 |" in markdown
 
 
-def test_describe_decoding():
-    assert describe_decoding(None, None) == "greedy"  # a report from before sampling existed
-    assert describe_decoding({"do_sample": False, "repetition_penalty": 1.3}, 0) == "greedy (repetition_penalty 1.3)"
-    assert describe_decoding({"do_sample": True, "temperature": 1.0, "min_p": None}, 7) == \
+def test_describe_settings():
+    assert describe_settings(None, None) == "greedy"  # a report from before sampling existed
+    assert describe_settings({"do_sample": False, "repetition_penalty": 1.3}, 0) == "greedy (repetition_penalty 1.3)"
+    assert describe_settings({"do_sample": True, "temperature": 1.0, "min_p": None}, 7) == \
         "sampling, seed 7 (temperature 1.0)"
 
 

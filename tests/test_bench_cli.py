@@ -141,7 +141,7 @@ def test_bench_sampling_checks_the_loglik_and_resume_refuses_other_settings(benc
     for row in data["systems"].values():  # every system samples: checked by likelihood and against HF's same-seed draw
         assert row["loglik_per_token"] < 0 and "outputs_differing_from_vanilla" not in row
         assert isinstance(row["outputs_differing_from_hf_generate"], int)
-    assert data["meta"]["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 1.0,
+    assert data["meta"]["settings_in_effect"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 1.0,
                                         "top_k": 50, "top_p": 1.0, "min_p": None}
     assert data["meta"]["seed"] == 0
     records = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]

@@ -49,8 +49,9 @@ def test_generate_samples_reproducibly_from_a_seed(capsys, tiny_model_dir):
                            for seed in ("1", "1", "2"))
     assert first["output_ids"] == again["output_ids"] != other["output_ids"]
     assert first["seed"] == 1
-    assert first["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.8, "top_k": 50,
-                                 "top_p": 1.0, "min_p": None}  # transformers' defaults where the model sets none
+    # transformers' defaults where the model sets none
+    assert first["settings_in_effect"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.8,
+                                           "top_k": 50, "top_p": 1.0, "min_p": None}
     unseeded = generate_json(capsys, tiny_model_dir, "--temperature", "0.8")
     assert isinstance(unseeded["seed"], int)  # drawn, and reported so the output can be reproduced
     assert generate_json(capsys, tiny_model_dir, "--temperature", "0.8", "--seed",
@@ -60,7 +61,7 @@ def test_generate_samples_reproducibly_from_a_seed(capsys, tiny_model_dir):
 def test_temperature_zero_is_the_greedy_default(capsys, tiny_model_dir):
     greedy = generate_json(capsys, tiny_model_dir)
     assert generate_json(capsys, tiny_model_dir, "--temperature", "0")["output_ids"] == greedy["output_ids"]
-    assert greedy["decoding"] == {"do_sample": False, "repetition_penalty": 1.0} and greedy["seed"] is None
+    assert greedy["settings_in_effect"] == {"do_sample": False, "repetition_penalty": 1.0} and greedy["seed"] is None
 
 
 def test_greedy_repetition_penalty_equals_hf_generate(capsys, tiny_model_dir):
@@ -72,7 +73,7 @@ def test_greedy_repetition_penalty_equals_hf_generate(capsys, tiny_model_dir):
                              repetition_penalty=1.3, pad_token_id=0)
     assert record["output_ids"] == out[0, ids.shape[1]:].tolist()
     assert record["output_ids"] != generate_json(capsys, tiny_model_dir)["output_ids"]  # the penalty mattered
-    assert record["decoding"] == {"do_sample": False, "repetition_penalty": 1.3}
+    assert record["settings_in_effect"] == {"do_sample": False, "repetition_penalty": 1.3}
 
 
 def test_sample_uses_the_model_generation_config(capsys, tmp_path):
@@ -81,12 +82,13 @@ def test_sample_uses_the_model_generation_config(capsys, tmp_path):
     (model_dir / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, "temperature": 0.7,
                                                                   "top_p": 0.8, "top_k": 20}))
     sampled = generate_json(capsys, model_dir, "--sample", "--seed", "3")
-    assert sampled["decoding"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.7, "top_k": 20,
-                                   "top_p": 0.8, "min_p": None}
+    assert sampled["settings_in_effect"] == {"do_sample": True, "repetition_penalty": 1.0, "temperature": 0.7,
+                                             "top_k": 20, "top_p": 0.8, "min_p": None}
     hotter = generate_json(capsys, model_dir, "--sample", "--temperature", "1.5", "--top-k", "5", "--seed", "3")
-    assert (hotter["decoding"]["temperature"], hotter["decoding"]["top_k"]) == (1.5, 5)  # the flags win
+    used = hotter["settings_in_effect"]
+    assert (used["temperature"], used["top_k"]) == (1.5, 5)  # the flags win
     greedy = generate_json(capsys, model_dir)  # the model's do_sample=True does not make the default sample
-    assert greedy["decoding"]["do_sample"] is False and greedy["seed"] is None
+    assert greedy["settings_in_effect"]["do_sample"] is False and greedy["seed"] is None
 
 
 def test_generate_streams_text_and_prints_stats(capsys, tiny_model_dir):

@@ -20,7 +20,7 @@ def start(backend, prompt=PROMPT):
     """Cache over prompt[:-1]... as the engine keeps it: everything but the root."""
     cache = backend.new_cache(200)
     first = prefill(backend, cache, prompt)
-    return cache, torch.tensor(prompt + first.greedy)
+    return cache, torch.tensor(prompt + first.logits.argmax(dim=-1).tolist())
 
 
 def plain_cache(model, tokens: list[int]) -> DynamicCache:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ctcspec.bench.peers import PEERS, check_vocab, converter_path, gguf_path, import_llama_cpp, make_peer
+from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError
 
 PROMPTS = [
@@ -66,8 +67,6 @@ def smollm2():
 def peers(smollm2):
     """Both peers on the f32 GGUF. A GGUF the user's own cache already holds is linked in (read only), so the
     suite does not convert it again; one converted here is deleted afterwards."""
-    from ctcspec.engine import eos_ids_of
-
     target = gguf_path(smollm2.path, "f32")
     cached = Path.home() / ".cache" / "ctcspec" / "gguf" / target.name
     linked = not target.exists() and cached.is_file()
@@ -80,7 +79,7 @@ def peers(smollm2):
             converter_path()
         except CtcspecError as exc:
             pytest.skip(str(exc))
-    eos = sorted(eos_ids_of(smollm2.model))
+    eos = sorted(eos_ids(smollm2.model.generation_config))
     yield {name: make_peer(name, smollm2.path, threads=1, eos_ids=eos, tokenizer=smollm2.tokenizer)
            for name in PEERS}
     if made:

@@ -575,7 +575,9 @@ def test_eos_lists_and_stopping_criteria_stop_where_hf_stops(tiny_with_tokenizer
     for case, settings in cases.items():
         expected = hf_generate(model, prompt, 40, **settings)
         assert len(expected) < len(free), case  # it does stop generation early
-        for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1), RandomTreeDrafter(1)):
+        # the oracle drafts the free continuation, past the stop: the step must be cut inside
+        drafters = (VanillaDrafter(), LookupDrafter(min_ngram=1), RandomTreeDrafter(1), OracleDrafter(prompt, free))
+        for drafter in drafters:
             assert ctcspec_via_generate(model, prompt, 40, drafter=drafter, **settings) == expected, case
 
 
@@ -588,6 +590,15 @@ def test_return_dict_and_engine_reuse(tiny_with_tokenizer):
         ours = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, return_dict_in_generate=True,
                               custom_generate=speculative_generate, engine=engine)
         assert torch.equal(ours.sequences, hf.sequences)
+
+
+def test_max_length_alone_bounds_the_sequence_as_in_hf(tiny_with_tokenizer):
+    model, _ = tiny_with_tokenizer
+    prompt = prompts()[0]
+    expected = hf_generate(model, prompt, None, max_length=len(prompt) + 11)
+    assert len(expected) == 11
+    got = ctcspec_via_generate(model, prompt, None, max_length=len(prompt) + 11, drafter=LookupDrafter(min_ngram=1))
+    assert got == expected
 
 
 # ---- 8. refusals --------------------------------------------------------------------------------------------------
@@ -605,6 +616,10 @@ REFUSALS = {
     "num_beams": (dict(num_beams=2), "num_beams"),
     "custom processor": (dict(logits_processor=LogitsProcessorList([MyProcessor()])), "MyProcessor"),
     "guidance_scale": (dict(guidance_scale=1.5), "UnbatchedClassifierFreeGuidanceLogitsProcessor"),
+    "contrastive search": (dict(penalty_alpha=0.6, top_k=4), "contrastive search"),
+    "dola": (dict(dola_layers="high"), "dola generation"),
+    "constraints": (dict(force_words_ids=[[5]], num_beams=2), "constrained beam search"),
+    "past the context": (dict(max_new_tokens=400), "exceeds what speculative decoding can hold"),
     "drafter and engine": (dict(engine="both"), "either drafter= or engine="),
     "neither": (dict(drafter=None), "either drafter= or engine="),
 }
@@ -622,7 +637,8 @@ def test_custom_generate_refuses_what_it_cannot_do_in_one_line(case):
     if case == "padding":
         mask[0, 0] = 0
     with pytest.raises(CtcspecError, match=message) as error:
-        model.generate(ids, attention_mask=mask, custom_generate=speculative_generate, max_new_tokens=4, **settings)
+        model.generate(ids, attention_mask=mask, custom_generate=speculative_generate,
+                       **{"max_new_tokens": 4, **settings})
     assert "\n" not in str(error.value)
 
 
@@ -630,3 +646,11 @@ def test_engine_refuses_a_custom_processor_by_name():
     engine = SpeculativeEngine(tiny_model("llama"), LookupDrafter())
     with pytest.raises(CtcspecError, match="MyProcessor"):
         engine.generate([5, 6, 7], 4, logits_processor=LogitsProcessorList([MyProcessor()]))
+
+
+@pytest.mark.parametrize("settings", [dict(do_sample=True, num_return_sequences=2), dict(penalty_alpha=0.6, top_k=4)],
+                         ids=["num_return_sequences", "contrastive"])
+def test_engine_refuses_what_it_would_otherwise_ignore(settings):
+    engine = SpeculativeEngine(tiny_model("llama"), LookupDrafter())
+    with pytest.raises(CtcspecError, match="num_return_sequences|contrastive search"):
+        engine.generate([5, 6, 7], 4, **settings)

@@ -11,8 +11,9 @@ import torch
 from conftest import hf_greedy
 from ctcspec.backends import make_backend
 from ctcspec.budget import COST_SIZES, budget_plan, choose_tree_budget, cost_cache_path
+from ctcspec.decoding import eos_ids
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
-from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.engine import SpeculativeEngine
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.modules.files import shipped_drafter_dir
 from ctcspec.prompts import encode_chat
@@ -46,7 +47,7 @@ def shipped(name: str, model):
 @pytest.fixture(scope="module")
 def hf_answers(smollm2):
     """The oracle: stock HF greedy generate on the model as transformers loads it."""
-    eos = sorted(eos_ids_of(smollm2.model))
+    eos = sorted(eos_ids(smollm2.model.generation_config))
     prompts = [encode_chat(smollm2.tokenizer, [{"role": "user", "content": text}]) for text in PROMPTS]
     return [(prompt, hf_greedy(smollm2.model, prompt, 96, eos=eos[0])) for prompt in prompts]
 

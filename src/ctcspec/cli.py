@@ -26,12 +26,12 @@ from ctcspec.bench.questions import load_questions, resolve_bench, select_questi
 from ctcspec.bench.report import environment, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
 from ctcspec.bench.store import BenchStore
-from ctcspec.bench.summary import describe_decoding, format_category_table, format_table, read_report, subset_report
+from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
 from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
 from ctcspec.cpu_kernels import KERNELS
-from ctcspec.decoding import settings_in_effect
+from ctcspec.decoding import decoding_for, eos_ids, settings_in_effect
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
-from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctcspec.modules import KINDS
@@ -81,6 +81,17 @@ def bounded_float(accepts: Callable[[float], bool], expected: str) -> Callable[[
     return parse
 
 
+def seed_int(text: str) -> int:
+    """An argparse type: a seed torch accepts, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
 # Flags that only shape sampling, by their settings key; given without sampling they are refused, not ignored.
 SAMPLING_ONLY = {"top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p"}
 
@@ -105,7 +116,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=bounded_float(lambda v: v > 0, "above 0"), default=None,
                        metavar="R", help="penalise tokens already in the sequence: their positive scores divided by "
                                          "R, negative ones multiplied (greedy or sampling; 1 = none)")
-    group.add_argument("--seed", type=int, default=None,
+    group.add_argument("--seed", type=seed_int, default=None,
                        help="seed of the sampling draws (bench: default 0, each question turn seeded from it, the "
                             "same for every system; generate: default a fresh one, reported with the output)")
 
@@ -121,6 +132,7 @@ def generation_settings(args) -> dict:
              if getattr(args, key) is not None}
     if not sample:
         unused = [flag for key, flag in SAMPLING_ONLY.items() if key in given]
+        unused += ["--seed"] if args.seed is not None else []
         if unused:
             raise CtcspecError(f"{', '.join(unused)} only shape sampling: add --temperature T (above 0) or --sample")
         given.pop("temperature", None)
@@ -435,14 +447,14 @@ def cmd_generate(args) -> int:
     loaded, backend = _load_backend(args)
     drafter = build_drafter(name, args, backend, dirs)
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
-    decoding = settings_in_effect(loaded.model, settings)
+    in_effect = settings_in_effect(loaded.model, settings)
     engine = SpeculativeEngine(loaded.model, drafter, backend=backend)
     streamer = None if args.json else _Streamer(loaded.tokenizer)
     result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer, seed=seed, **settings)
     stats = result.stats
     if args.json:
         print(json.dumps({"prompt": text, "model": str(loaded.path), "drafter": name,
-                          "settings": drafter.settings(), "decoding": decoding, "seed": seed,
+                          "settings": drafter.settings(), "settings_in_effect": in_effect, "seed": seed,
                           "output": loaded.tokenizer.decode(result.tokens, skip_special_tokens=True),
                           "output_ids": result.tokens, "stats": stats.to_dict()}))
     else:
@@ -450,7 +462,7 @@ def cmd_generate(args) -> int:
         print(f"[{name}] {stats.new_tokens} tokens in {stats.steps} steps (beta {stats.beta:.2f}), "
               f"{stats.tokens_per_s:.1f} tok/s; time: draft {stats.draft_s:.2f}s, verify {stats.verify_s:.2f}s, "
               f"bookkeeping {stats.bookkeeping_s:.2f}s, prefill {stats.prefill_s:.2f}s; stop: {stats.stop_reason}; "
-              f"{describe_decoding(decoding, seed)}", file=sys.stderr)
+              f"{describe_settings(in_effect, seed)}", file=sys.stderr)
     return 0
 
 
@@ -477,7 +489,7 @@ def peer_list(text: str) -> list[str]:
 
 def build_peers(args, loaded: LoadedModel) -> dict:
     threads = args.threads or torch.get_num_threads()
-    return {name: make_peer(name, loaded.path, threads, eos_ids_of(loaded.model), args.peer_precision,
+    return {name: make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.peer_precision,
                             tokenizer=loaded.tokenizer) for name in args.peers}
 
 
@@ -495,14 +507,14 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
     """What `bench --resume` requires to equal the saved run's (DIR/run.json): the model, the questions and their
     selection, the systems, the generation length and settings (with the seed; both left out when greedy with
     no other setting, as runs saved before they existed), the drafter files and flags, and the device settings."""
-    decoding = {} if settings == GREEDY else {"generation_settings": settings, "seed": bench_seed(args)}
+    sampling = {} if settings == GREEDY else {"generation_settings": settings, "seed": bench_seed(args)}
     kinds = sorted({MODULE_KIND[name] for name in systems if name in MODULE_KIND})
     return {"model": _abspath(args.model), "questions": _abspath(args.questions), "per_category": args.per_category,
             "limit": args.limit, "systems": systems, "max_new_tokens": args.max_new_tokens,
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None, **decoding}
+            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None, **sampling}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -524,8 +536,9 @@ def cmd_bench(args) -> int:
     dirs = drafter_dirs(args)
     names = bench_drafter_names(args, dirs)  # before loading anything
     settings = generation_settings(args)
-    if args.peers and settings["do_sample"]:
-        raise CtcspecError("--peers: the llama.cpp peers decode greedily only; drop --peers to sample")
+    if args.peers and settings != GREEDY:
+        raise CtcspecError("--peers: the llama.cpp peers decode greedily only, without sampling or logits processors; "
+                           "drop --peers or the decoding flags")
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
@@ -536,7 +549,11 @@ def cmd_bench(args) -> int:
     store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings), questions, systems,
                             resume=args.resume)
     loaded, backend = _load_backend(args)
-    decoding, seed = settings_in_effect(loaded.model, settings), bench_seed(args)
+    in_effect, seed = settings_in_effect(loaded.model, settings), bench_seed(args)
+    processors = decoding_for(loaded.model, [0], max_new_tokens=1, **settings).processors
+    if args.peers and processors:
+        raise CtcspecError(f"--peers: llama.cpp decodes plain greedy, without the logits processors these settings or "
+                           f"the model's generation_config ask for ({', '.join(type(p).__name__ for p in processors)})")
     drafters = {name: build_drafter(name, args, backend, dirs) for name in names}
     runners = system_runners(backend, drafters, build_peers(args, loaded), settings)
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
@@ -544,12 +561,12 @@ def cmd_bench(args) -> int:
             "device": args.device, "dtype": args.dtype, **environment(), **backend.describe(),
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()},
-            "decoding": decoding, "seed": seed,
+            "settings_in_effect": in_effect, "seed": seed,
             **({"peer_precision": args.peer_precision} if args.peers else {})}
     try:
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
                                        start=store.n_done, seed=seed,
-                                       scorer=loglik_scorer(loaded.model, decoding)):
+                                       scorer=loglik_scorer(loaded.model, in_effect)):
             store.append(records)
     except KeyboardInterrupt:
         write_bench_outputs(store, meta)
@@ -608,8 +625,8 @@ def cmd_report(args) -> int:
     if args.per_category is not None or args.limit is not None:
         picked = len({r["question_id"] for rows in shown["turns"].values() for r in rows})
         count = f"{picked} of {count} (--per-category {args.per_category}, --limit {args.limit})"
-    print(f"{questions}: {count}, {max_new} new tokens, {describe_decoding(meta.get('decoding'), meta.get('seed'))}, "
-          f"model {model}, threads {threads}")
+    how = describe_settings(meta.get("settings_in_effect"), meta.get("seed"))
+    print(f"{questions}: {count}, {max_new} new tokens, {how}, model {model}, threads {threads}")
     print(tables[0])
     print()
     print(tables[1])

@@ -46,19 +46,26 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits
     (to choose its backend or reuse it across calls). Returns what generate returns: the sequences (prompt +
     new tokens), or a GenerateDecoderOnlyOutput holding them with return_dict_in_generate=True."""
     streamer = _generate_streamer()
-    decoding = Decoding.from_generate(logits_processor, stopping_criteria, generation_config)  # first: num_beams
+    decoding = Decoding.from_generate(logits_processor, stopping_criteria, generation_config,  # first: num_beams
+                                      input_ids.device)
     _check_input(input_ids, model_kwargs.get("attention_mask"))  # generate repeats the prompt num_beams times
     if (drafter is None) == (engine is None):
         raise CtcspecError("speculative_generate needs either drafter= or engine= (not both)")
     engine = engine or SpeculativeEngine(model, drafter)
     if engine.model is not model:
         raise CtcspecError("the engine was built for another model than the one generating")
+    max_context, limit = engine.backend.context_limit(engine.max_context)
+    if generation_config.max_length > max_context:  # cut there, the output would silently fall short of generate's
+        raise CtcspecError(f"max_length {generation_config.max_length} (prompt + new tokens) exceeds what "
+                           f"speculative decoding can hold here: {limit}")
     prompt = input_ids[0].tolist()
     on_tokens = (lambda tokens: streamer.put(torch.tensor(tokens))) if streamer is not None else None
-    result = engine.generate(prompt, generation_config.max_length - len(prompt), on_tokens=on_tokens,
-                             decoding=decoding)
-    if streamer is not None:
-        streamer.end()
+    try:
+        result = engine.generate(prompt, generation_config.max_length - len(prompt), on_tokens=on_tokens,
+                                 decoding=decoding)
+    finally:
+        if streamer is not None:  # a consumer iterating the streamer must not wait forever
+            streamer.end()
     new = torch.tensor([result.tokens], dtype=input_ids.dtype, device=input_ids.device)
     sequences = torch.cat([input_ids, new], dim=1)
     return GenerateDecoderOnlyOutput(sequences=sequences) if generation_config.return_dict_in_generate else sequences

@@ -9,8 +9,9 @@ scores, or draws from their softmax when sampling. Each emitted token is checked
 with its own prefix (and no scores, as generate passes none without output_scores). So speculative decoding
 changes how many forwards run, never which tokens come out (or, sampling, their distribution).
 
-Processors are called once per visited node instead of once per emitted token, so only processors that are pure
-functions of (prefix, scores) can be honoured; anything else is refused by name (`check_processors`).
+Processors are called once per emitted token, in order, as in generate, and also for a token a step chose past a
+stop (then dropped); a processor keeping state between calls could drift from generate, so only those that are
+pure functions of (prefix, scores) are accepted, anything else is refused by name (`check_processors`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import logits_process as lp
+from transformers.generation.configuration_utils import GenerationMode
 
 from ctcspec.errors import CtcspecError, one_line
 
 # Row-wise functions of (prefix, scores), with no state carried between calls: exact at any node, in any order.
+# (The two Encoder* ones read the prompt, fixed for a generation.)
 PURE_PROCESSORS = (
-    lp.EpsilonLogitsWarper, lp.EtaLogitsWarper, lp.ExponentialDecayLengthPenalty, lp.ForcedBOSTokenLogitsProcessor,
+    lp.EncoderNoRepeatNGramLogitsProcessor, lp.EncoderRepetitionPenaltyLogitsProcessor, lp.EpsilonLogitsWarper,
+    lp.EtaLogitsWarper, lp.ExponentialDecayLengthPenalty, lp.ForcedBOSTokenLogitsProcessor,
     lp.ForcedEOSTokenLogitsProcessor, lp.InfNanRemoveLogitsProcessor, lp.LogitNormalization,
     lp.MinLengthLogitsProcessor, lp.MinNewTokensLengthLogitsProcessor, lp.MinPLogitsWarper,
     lp.NoBadWordsLogitsProcessor, lp.NoRepeatNGramLogitsProcessor, lp.PrefixConstrainedLogitsProcessor,
@@ -63,19 +67,26 @@ class Decoding:
     eos: frozenset[int] = frozenset()
     generator: torch.Generator | None = None   # sampling draws from it (None: torch's global generator, as HF)
     config: GenerationConfig | None = None     # the generation config generate prepared, for reports
+    device: torch.device | str = "cpu"         # where generate keeps the ids: processors and criteria run there
 
     @classmethod
     def from_generate(cls, logits_processor: LogitsProcessorList, stopping_criteria: StoppingCriteriaList,
-                      generation_config: GenerationConfig, generator: torch.Generator | None = None) -> Decoding:
-        """From the arguments transformers' generate hands a custom decoding function."""
-        check_processors(logits_processor)
+                      generation_config: GenerationConfig, device: torch.device | str,
+                      generator: torch.Generator | None = None) -> Decoding:
+        """From the arguments transformers' generate hands a custom decoding function (`device`: its input ids')."""
+        mode = generation_config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            raise CtcspecError(f"the settings ask for {mode.value.replace('_', ' ')}; speculative decoding reproduces "
+                               "greedy decoding and sampling only (num_beams=1, no penalty_alpha, dola_layers, "
+                               "force_words_ids or constraints)")
+        if (generation_config.num_return_sequences or 1) > 1:
+            raise CtcspecError("speculative decoding returns one sequence per prompt; use num_return_sequences=1")
         asked = [name for name in UNSUPPORTED_OUTPUTS if getattr(generation_config, name, False)]
         if asked:
             raise CtcspecError(f"speculative decoding does not return {', '.join(asked)}; leave them unset")
-        if (generation_config.num_beams or 1) > 1:
-            raise CtcspecError("beam search (num_beams > 1) is not speculative decoding's output; use num_beams=1")
+        check_processors(logits_processor)
         return cls(logits_processor, stopping_criteria, bool(generation_config.do_sample), eos_ids(generation_config),
-                   generator, generation_config)
+                   generator, generation_config, device)
 
 
 def _prepared(model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs):
@@ -86,7 +97,8 @@ def _prepared(model, input_ids, logits_processor, stopping_criteria, generation_
 def decoding_for(model: torch.nn.Module, prompt_ids: Sequence[int], seed: int | None = None,
                  **settings) -> Decoding:
     """The decoding `model.generate(prompt, **settings)` would run — greedy unless settings set do_sample=True —
-    prepared by transformers itself. `seed` makes sampling reproducible (its own generator)."""
+    prepared by transformers itself, for this prompt (length criteria count from it). `seed` makes sampling
+    reproducible (its own generator)."""
     settings.setdefault("do_sample", False)
     ids = torch.tensor([list(prompt_ids)], device=model.device)
     try:
@@ -94,7 +106,7 @@ def decoding_for(model: torch.nn.Module, prompt_ids: Sequence[int], seed: int | 
     except (ValueError, TypeError) as exc:
         raise CtcspecError(f"invalid generation settings: {one_line(exc)}") from None
     generator = None if seed is None else torch.Generator(model.device).manual_seed(int(seed))
-    return Decoding.from_generate(*prepared, generator=generator)
+    return Decoding.from_generate(*prepared, device=ids.device, generator=generator)
 
 
 def settings_in_effect(model: torch.nn.Module, settings: dict) -> dict:
@@ -122,10 +134,10 @@ class NodeChooser:
     def __call__(self, node: int, drafted: list[int]) -> int:
         if self.greedy is not None:
             return self.greedy[node]
-        scores = self.logits[node : node + 1].float()
+        scores = self.logits[node : node + 1].to(dtype=torch.float32, device=self.decoding.device)  # as generate
         if self.decoding.processors:
             prefix = torch.cat([self.sequence, torch.tensor(drafted, dtype=self.sequence.dtype)])
-            scores = self.decoding.processors(prefix[None].to(scores.device), scores)
+            scores = self.decoding.processors(prefix[None].to(self.decoding.device), scores)
         if self.decoding.do_sample:
             probs = torch.softmax(scores, dim=-1)
             return int(torch.multinomial(probs, 1, generator=self.decoding.generator))

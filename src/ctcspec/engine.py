@@ -18,7 +18,7 @@ import torch
 
 from ctcspec.accept import accept_path
 from ctcspec.backends import Backend, make_backend
-from ctcspec.decoding import Decoding, NodeChooser, decoding_for, eos_ids
+from ctcspec.decoding import Decoding, NodeChooser, decoding_for
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
@@ -61,10 +61,6 @@ class GenerationStats:
 class GenerationResult:
     tokens: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def eos_ids_of(model: torch.nn.Module) -> frozenset[int]:
-    return eos_ids(model.generation_config)
 
 
 @dataclass(frozen=True)
@@ -119,10 +115,13 @@ class SpeculativeEngine:
                  seed: int | None = None, **settings) -> GenerationResult:
         """Generate up to `max_new_tokens` as `model.generate(prompt, max_new_tokens=..., **settings)` would — greedy
         unless settings set do_sample=True; the model's generation_config applies as there — or as a prepared
-        `decoding` says. `seed` makes sampling reproducible; `on_tokens` gets each step's new tokens."""
+        `decoding` (prepared for this prompt) says. `seed` makes sampling reproducible; `on_tokens` gets each
+        step's new tokens."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise CtcspecError("the prompt is empty")
+        if decoding is not None and (settings or seed is not None):
+            raise CtcspecError("give generation settings and a seed, or a prepared decoding, not both")
         stats = GenerationStats()
         result = GenerationResult([], stats)
         if max_new_tokens <= 0:
@@ -180,7 +179,7 @@ class SpeculativeEngine:
         EOS, max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it
         without output_scores, no scores). True when it ended."""
         stats = result.stats
-        ids = torch.cat([sequence, torch.tensor(new, dtype=sequence.dtype)])[None]
+        ids = torch.cat([sequence, torch.tensor(new, dtype=sequence.dtype)])[None].to(decoding.device)
         keep = 0
         for i, token in enumerate(new):
             keep = i + 1

@@ -20,11 +20,6 @@ class VerifyResult:
     logits: torch.Tensor              # (nodes, vocab): the base model's next-token logits per node; 0 is the root
     hidden: torch.Tensor | None       # last-layer hidden state per node, shape (nodes, hidden), if asked
 
-    @property
-    def greedy(self) -> list[int]:
-        """The base model's argmax after each node (no logits processors)."""
-        return self.logits.argmax(dim=-1).tolist()
-
 
 def node_parents(tree: TokenTree) -> list[int]:
     """Parents over the verification nodes: node 0 is the root, draft node i becomes node i + 1."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from ctcspec.bench.summary import HF, describe_decoding, output_checks, per_category, sampled_rows, write_report
+from ctcspec.bench.summary import HF, describe_settings, output_checks, per_category, sampled_rows, write_report
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
@@ -69,20 +69,23 @@ def answer_records(report: dict, model_id: str) -> dict[str, list[dict]]:
     return out
 
 
+SAMPLING_CHECKS_NOTE = (
+    "Loglik/token: mean log-likelihood per generated token under the base model at the sampling temperature "
+    "(teacher-forced, before top-k/top-p and penalties); a sampler that drifted from the base distribution would "
+    "differ from HF generate's. Differ from HF generate: outputs not token-identical to HF generate's sample with "
+    "the same seed (the same draws, so 0 unless a tree forward rounds a probability differently). ")
+
+
 def markdown_report(report: dict, meta: dict) -> str:
     systems, cats = report["systems"], per_category(report)
     sampling = sampled_rows(systems)
-    check, check_note = (("loglik/token | differ from HF generate", "Loglik/token: mean log-likelihood per generated "
-                          "token under the base model at the sampling temperature (teacher-forced, before "
-                          "top-k/top-p and penalties); a sampler that drifted from the base distribution would "
-                          "differ from HF generate's. Differ from HF generate: outputs not token-identical to HF "
-                          "generate's sample with the same seed (the same draws, so 0 unless a tree forward rounds "
-                          "a probability differently). ")
-                         if sampling else ("differ from vanilla", ""))
+    check, check_note = (("loglik/token | differ from HF generate", SAMPLING_CHECKS_NOTE) if sampling
+                         else ("differ from vanilla", ""))
     lines = [f"# ctcspec bench: {meta.get('bench', meta.get('questions'))}", "",
              f"Model `{Path(str(meta.get('model', '?'))).name}`, {meta.get('n_questions')} questions "
              f"({sum(1 for _ in report['turns'].get('vanilla', []))} turns), {meta.get('max_new_tokens')} new tokens, "
-             f"{describe_decoding(meta.get('decoding'), meta.get('seed'))}, {meta.get('device')} {meta.get('dtype')}, "
+             f"{describe_settings(meta.get('settings_in_effect'), meta.get('seed'))}, "
+             f"{meta.get('device')} {meta.get('dtype')}, "
              f"threads {meta.get('threads')}, "
              f"linear kernels {meta.get('kernels', 'plain')} (HF generate: always the stock layers).", "",
              *([f"Interrupted: {meta.get('n_questions')} of {meta.get('n_questions_planned')} questions done "

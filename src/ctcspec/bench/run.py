@@ -29,9 +29,9 @@ from ctcspec.backends import Backend
 from ctcspec.bench.questions import Question
 from ctcspec.bench.summary import HF, report_of
 from ctcspec.cpu_kernels import plain_linear_layers
-from ctcspec.decoding import settings_in_effect
+from ctcspec.decoding import eos_ids, settings_in_effect
 from ctcspec.drafters import Drafter
-from ctcspec.engine import SpeculativeEngine, eos_ids_of
+from ctcspec.engine import SpeculativeEngine
 from ctcspec.prompts import encode_chat
 
 
@@ -90,7 +90,7 @@ def output_loglik(model, prompt: list[int], tokens: list[int], temperature: floa
 def hf_generate(model, prompt: list[int], max_new_tokens: int, seed: int | None = None, **settings) -> TurnRecord:
     """Stock HF `generate(do_sample=False, **settings)` (the model's generation_config merged in), on the model's
     original linear layers even when the engines run packed ones; sampling after torch.manual_seed(seed)."""
-    eos = sorted(eos_ids_of(model))
+    eos = sorted(eos_ids(model.generation_config))
     ids = torch.tensor([prompt], device=model.device)
     if seed is not None:
         torch.manual_seed(seed)
@@ -181,12 +181,12 @@ def bench_questions(runners: dict[str, Runner], tokenizer, questions: list[Quest
             yield run_question(question, order, runners, tokenizer, max_new_tokens, bar, seed, scorer)
 
 
-def loglik_scorer(model, decoding: dict) -> Scorer | None:
-    """Sampling (`decoding` as settings_in_effect gives it): output_loglik at the temperature in effect; greedy:
+def loglik_scorer(model, in_effect: dict) -> Scorer | None:
+    """Sampling (`in_effect` as settings_in_effect gives it): output_loglik at the temperature in effect; greedy:
     None (outputs are compared token for token instead)."""
-    if not decoding["do_sample"]:
+    if not in_effect["do_sample"]:
         return None
-    return lambda prompt, tokens: output_loglik(model, prompt, tokens, decoding["temperature"])
+    return lambda prompt, tokens: output_loglik(model, prompt, tokens, in_effect["temperature"])
 
 
 def run_bench(backend: Backend, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,

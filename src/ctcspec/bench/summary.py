@@ -69,12 +69,12 @@ def _loglik_per_token(records: list[dict]) -> dict[str, float]:
     return {"loglik_per_token": sum(r["loglik"] for r in records) / tokens}
 
 
-def describe_decoding(decoding: dict | None, seed: int | None) -> str:
+def describe_settings(in_effect: dict | None, seed: int | None) -> str:
     """How tokens were chosen, in words: "greedy" or "sampling, seed S", then the knobs in effect (a report
-    from before decoding was recorded was greedy)."""
-    decoding = decoding or {"do_sample": False}
-    knobs = ", ".join(f"{key} {value}" for key, value in decoding.items() if key != "do_sample" and value is not None)
-    mode = f"sampling, seed {seed}" if decoding["do_sample"] else "greedy"
+    from before the settings were recorded was greedy)."""
+    in_effect = in_effect or {"do_sample": False}
+    knobs = ", ".join(f"{key} {value}" for key, value in in_effect.items() if key != "do_sample" and value is not None)
+    mode = f"sampling, seed {seed}" if in_effect["do_sample"] else "greedy"
     return f"{mode} ({knobs})" if knobs else mode
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ctcspec.engine import eos_ids_of
+from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.modules.files import describe_base
 from ctcspec.prompts import encode_chat
@@ -219,7 +219,7 @@ def self_instruct(model, tokenizer, count: int, out_dir: Path, batch_size: int =
     path = Path(out_dir) / INSTRUCTIONS_FILE
     have = _read_instructions(path)
     rng = random.Random(seed + len(have))
-    eos = sorted(eos_ids_of(model))
+    eos = sorted(eos_ids(model.generation_config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     bar = tqdm(total=count, initial=min(len(have), count), desc="self-instruct", unit="prompt", disable=not progress)
     seen = set(have)
@@ -290,7 +290,7 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     if samples_path.exists():
         _drop_partial_last_line(samples_path)
     done = {s["index"] for s in read_samples(out_dir)} if samples_path.exists() else set()
-    eos = sorted(eos_ids_of(model))
+    eos = sorted(eos_ids(model.generation_config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     todo = [(i, encode_chat(tokenizer, [{"role": "user", "content": p.text}])) for i, p in enumerate(prompts)
             if i not in done]
