@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation import logits_process as lp
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ctcspec.errors import CtcspecError, one_line
 
@@ -85,7 +86,11 @@ class Decoding:
         if asked:
             raise CtcspecError(f"speculative decoding does not return {', '.join(asked)}; leave them unset")
         check_processors(logits_processor)
-        return cls(logits_processor, stopping_criteria, bool(generation_config.do_sample), eos_ids(generation_config),
+        # The engine itself stops at max_new_tokens and at the EOS ids (the same ones these criteria hold); leaving
+        # them out spares the plain greedy loop a criteria call, and a device sync, per token.
+        stopping = StoppingCriteriaList(c for c in stopping_criteria
+                                        if not isinstance(c, MaxLengthCriteria | EosTokenCriteria))
+        return cls(logits_processor, stopping, bool(generation_config.do_sample), eos_ids(generation_config),
                    generator, generation_config, device)
 
 

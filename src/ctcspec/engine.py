@@ -139,12 +139,11 @@ class SpeculativeEngine:
         hidden = self.drafter.needs_hidden_states
         self.drafter.reset()
         first = prefill(self.backend, cache, prompt, want_hidden=hidden)
-        tokens = torch.tensor(prompt)
-        new = [NodeChooser(decoding, first.logits, tokens)(0, [])]
+        new = [NodeChooser(decoding, first.logits, torch.tensor(prompt))(0, [])]
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
+        tokens = torch.tensor(prompt + new)
         stop = self._emit(result, tokens, new, decoding, token_limit, on_tokens)
-        tokens = torch.cat([tokens, torch.tensor(new)])
         new_hidden, accepted = first.hidden, 0
 
         while not stop:
@@ -159,8 +158,8 @@ class SpeculativeEngine:
             step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden, decoding=decoding)
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
-            stop = self._emit(result, tokens, step.tokens, decoding, token_limit, on_tokens)
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])
+            stop = self._emit(result, tokens, step.tokens, decoding, token_limit, on_tokens)
             t4 = time.perf_counter()
             stats.steps += 1
             stats.drafted_nodes += len(tree)
@@ -175,15 +174,15 @@ class SpeculativeEngine:
     @staticmethod
     def _emit(result: GenerationResult, sequence: torch.Tensor, new: list[int], decoding: Decoding, token_limit: int,
               on_tokens: Callable[[list[int]], None] | None) -> bool:
-        """Append a step's tokens (new[i] follows `sequence` + new[:i]), cut after the first that ends generation:
-        EOS, max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it
-        without output_scores, no scores). True when it ended."""
+        """Append a step's tokens `new` (the end of `sequence`), cut after the first that ends generation: EOS,
+        max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it without
+        output_scores, no scores). True when it ended."""
         stats = result.stats
-        ids = torch.cat([sequence, torch.tensor(new, dtype=sequence.dtype)])[None].to(decoding.device)
+        ids = sequence[None].to(decoding.device) if decoding.stopping else None
         keep = 0
         for i, token in enumerate(new):
             keep = i + 1
-            end = len(sequence) + keep
+            end = len(sequence) - len(new) + keep
             if token in decoding.eos:
                 stats.stop_reason = "eos"
             elif len(result.tokens) + keep >= token_limit:
