@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,13 @@ def _remove_tokenizer(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
 
 
+def _remove_chat_template(directory: Path) -> None:
+    (directory / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -78,6 +86,9 @@ def _build_files(root: Path, model_dir: Path) -> SimpleNamespace:
     f.model_missing_tensors = _copy_model(model_dir, root / "model-missing-tensors",
                                           lambda d: _edit_json(d / "config.json", num_hidden_layers=3))
     f.model_no_tokenizer = _copy_model(model_dir, root / "model-no-tokenizer", _remove_tokenizer)
+    f.model_no_template = _copy_model(model_dir, root / "model-no-template", _remove_chat_template)
+    f.busy = socket.create_server(("127.0.0.1", 0))  # a port something already listens on (open while cases run)
+    f.busy_port = str(f.busy.getsockname()[1])
     save_tiny_model_dir(root / "model-gemma", arch="gemma")
     f.model_gemma = str(root / "model-gemma")
 
@@ -188,6 +199,19 @@ CASES = {
         lambda f: _gen(f, "--temperature", "1", "--seed", str(2**64)), ("--seed", "must be in [0, 2**63)")),
     "generate: --seed without sampling": (
         lambda f: _gen(f, "--seed", "3"), ("--seed only shape sampling", "--temperature")),
+    "serve: --port out of range": (
+        lambda f: ["serve", "--model", f.model, "--port", "70000"], ("--port", "0..65535, got 70000")),
+    "serve: --port already in use": (
+        lambda f: ["serve", "--model", f.model, "--port", f.busy_port],
+        ("cannot listen on 127.0.0.1:", "in use")),
+    "serve: --host not an address of this machine": (
+        lambda f: ["serve", "--model", f.model, "--host", "203.0.113.9"], ("cannot listen on 203.0.113.9:8000",)),
+    "serve: --max-queue 0": (
+        lambda f: ["serve", "--model", f.model, "--max-queue", "0"], ("--max-queue", "at least 1")),
+    "chat: a model without a chat template": (
+        lambda f: ["chat", "--model", f.model_no_template], ("no chat template",)),
+    "chat: --top-p without sampling": (
+        lambda f: ["chat", "--model", f.model, "--top-p", "0.5"], ("--top-p only shape sampling",)),
 }
 if importlib.util.find_spec("llama_cpp") is None:  # CI: the peers are a separate `make peers`
     CASES["bench: --peers llama.cpp without llama-cpp-python"] = (

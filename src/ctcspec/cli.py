@@ -1,4 +1,4 @@
-"""The `ctcspec` command line: generate, bench, report, distill, train, info, eval.
+"""The `ctcspec` command line: generate, bench, report, distill, train, info, eval, serve, chat.
 
 Every user error (a bad flag value, an unreadable or malformed file, a model or drafter that cannot be
 used) ends in one line on stderr and exit code 2; library code raises `CtcspecError` and never prints.
@@ -28,6 +28,7 @@ from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_sco
 from ctcspec.bench.store import BenchStore
 from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
 from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
+from ctcspec.chat import Conversation, run_chat
 from ctcspec.cpu_kernels import KERNELS
 from ctcspec.decoding import decoding_for, eos_ids, settings_in_effect
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
@@ -38,6 +39,10 @@ from ctcspec.modules import KINDS
 from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
 from ctcspec.prompts import encode, require_prompt
 from ctcspec.search import TRANSFORMS
+from ctcspec.server.app import check_address, create_app, run_server
+from ctcspec.server.metrics import ServerMetrics
+from ctcspec.server.service import GenerationService
+from ctcspec.text import ReleasedText
 from ctcspec.training.compare import (
     EVAL_BUDGETS,
     EvalRow,
@@ -175,6 +180,63 @@ def _add_drafter_args(p: argparse.ArgumentParser) -> None:
                         "observed, drafting nothing while plain decoding would be faster")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The model, its runtime and one drafter: what generate, serve and chat decode with."""
+    _add_model_args(p)
+    _add_kernel_args(p)
+    p.add_argument("--drafter", default=None,
+                     help=f"{' | '.join(DRAFTERS)} (default: ctc+lookup when a CTC drafter is given or ships for "
+                          "the model, the fastest on both benchmarks here; else the kind of --drafter-path; else "
+                          "lookup)")
+    _add_drafter_args(p)
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with streaming, metrics and a chat page",
+                           description="Serve the model with speculative decoding over the OpenAI API: "
+                                       "/v1/chat/completions and /v1/completions (streaming or not), /v1/models, "
+                                       "/health, /metrics (Prometheus) and a chat page at /. Requests queue for "
+                                       "the engine, one generation at a time. Greedy unless a request sets "
+                                       "temperature above 0 (docs/serving.md).")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
+                            "interface)")
+    serve.add_argument("--port", type=port_number, default=8000, help="(default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("CTCSPEC_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $CTCSPEC_API_KEY; unset: no key)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id clients name (default: --model as given)")
+    serve.add_argument("--max-queue", type=positive_int, default=64,
+                       help="requests admitted at once, waiting or running; beyond it a request gets 429 "
+                            "(default: 64)")
+    serve.add_argument("--drain-timeout", type=bounded_float(lambda v: v >= 0, "at least 0"), default=60.0,
+                       metavar="S", help="on Ctrl-C or SIGTERM, seconds open requests get to finish before they "
+                                     "are cancelled (default: 60)")
+
+
+def _add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="a conversation in the terminal, streamed",
+                          description="Chat with the model in the terminal: answers stream as tokens are accepted, "
+                                      "the conversation goes through the model's chat template. /reset, /stats "
+                                      "(beta and speed of the last answer), /quit; Ctrl-C stops an answer. With "
+                                      "stdin not a terminal, each line is answered and the command exits.")
+    _add_engine_args(chat)
+    chat.add_argument("--system", default=None, help="a system message opening the conversation")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=512, help="per answer (default: 512)")
+    _add_decoding_args(chat)
+
+
 def budget_list(text: str) -> tuple[int, ...]:
     """--budgets: comma-separated tree budgets, each at least 1; sorted, duplicates dropped."""
     try:
@@ -246,13 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate from one prompt: greedy by default, token for token what "
                                      "model.generate(do_sample=False) gives; sampling (--temperature, --sample) has "
                                      "the distribution of model.generate(do_sample=True).")
-    _add_model_args(gen)
-    _add_kernel_args(gen)
-    gen.add_argument("--drafter", default=None,
-                     help=f"{' | '.join(DRAFTERS)} (default: ctc+lookup when a CTC drafter is given or ships for "
-                          "the model, the fastest on both benchmarks here; else the kind of --drafter-path; else "
-                          "lookup)")
-    _add_drafter_args(gen)
+    _add_engine_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
@@ -339,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the first N questions (applied after --per-category)")
     _add_info_parser(sub)
     _add_eval_parser(sub)
+    _add_serve_parser(sub)
+    _add_chat_parser(sub)
     return parser
 
 
@@ -376,20 +434,14 @@ def _read_prompt(args) -> str:
     return args.prompt if args.prompt is not None else read_text_file(args.prompt_file, "prompt file")
 
 
-class _Streamer:
-    """Prints newly accepted text; holds back an incomplete multi-byte character."""
+def print_tokens(tokenizer) -> Callable[[list[int]], None]:
+    """An on_tokens callback printing the text of the tokens as it becomes final."""
+    released = ReleasedText(tokenizer)
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
-
-    def __call__(self, new_ids: list[int]) -> None:
-        self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        sys.stdout.write(text[self.printed:])
+    def write(tokens: list[int]) -> None:
+        sys.stdout.write(released.add(tokens))
         sys.stdout.flush()
-        self.printed = len(text)
+    return write
 
 
 def drafter_dirs(args) -> dict[str, Path]:
@@ -438,18 +490,24 @@ def default_drafter(args, dirs: dict[str, Path]) -> str:
     return drafter_kind(args.drafter_path[0]) if args.drafter_path else "lookup"
 
 
-def cmd_generate(args) -> int:
-    text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
-    settings = generation_settings(args)
-    seed = args.seed if args.seed is not None or not settings["do_sample"] else secrets.randbelow(2**31)
+def build_engine(args) -> tuple[LoadedModel, SpeculativeEngine]:
+    """The model and an engine with --drafter (default: default_drafter) on --backend."""
     dirs = drafter_dirs(args)
     name = check_drafter_name(args.drafter or default_drafter(args, dirs))
     loaded, backend = _load_backend(args)
     drafter = build_drafter(name, args, backend, dirs)
+    return loaded, SpeculativeEngine(loaded.model, drafter, backend=backend)
+
+
+def cmd_generate(args) -> int:
+    text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
+    settings = generation_settings(args)
+    seed = args.seed if args.seed is not None or not settings["do_sample"] else secrets.randbelow(2**31)
+    loaded, engine = build_engine(args)
+    drafter, name = engine.drafter, engine.drafter.name
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
     in_effect = settings_in_effect(loaded.model, settings)
-    engine = SpeculativeEngine(loaded.model, drafter, backend=backend)
-    streamer = None if args.json else _Streamer(loaded.tokenizer)
+    streamer = None if args.json else print_tokens(loaded.tokenizer)
     result = engine.generate(prompt_ids, args.max_new_tokens, on_tokens=streamer, seed=seed, **settings)
     stats = result.stats
     if args.json:
@@ -779,8 +837,27 @@ def cmd_eval(args) -> int:
     return _finish_eval(args, backend, cost, rows)
 
 
+def cmd_serve(args) -> int:
+    check_address(args.host, args.port)  # before the model loads: fail fast
+    loaded, engine = build_engine(args)
+    service = GenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())
+    app = create_app(service, args.served_model_name or args.model, args.api_key)
+    logging.getLogger("ctcspec").info("serving %s with the %s drafter at http://%s:%d (chat page at /, API at /v1)",
+                                      args.model, engine.drafter.name, args.host, args.port)
+    run_server(app, args.host, args.port, args.drain_timeout)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    settings = generation_settings(args)
+    loaded, engine = build_engine(args)
+    conversation = Conversation(engine, loaded.tokenizer, args.max_new_tokens, settings, system=args.system)
+    conversation.prompt_ids("hello")  # a model without a chat template is refused before the first line
+    return run_chat(conversation, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty(), seed=args.seed)
+
+
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
-            "report": cmd_report, "info": cmd_info, "eval": cmd_eval}
+            "report": cmd_report, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ def encode(tokenizer, text: str, chat: bool = False) -> list[int]:
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
-        raise CtcspecError("this model's tokenizer has no chat template; drop --chat to use raw prompts")
+        raise CtcspecError("this model's tokenizer has no chat template, so it cannot take a conversation: use a raw "
+                           "prompt (generate without --chat, or /v1/completions)")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

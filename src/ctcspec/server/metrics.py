@@ -1,0 +1,48 @@
+"""The server's Prometheus metrics: traffic, queue, and what speculation is doing.
+
+Speculation's own figures: `ctcspec_tokens_per_step` (tokens each base forward emitted: its mean is the paper's
+beta, live), and the drafting share, `rate(ctcspec_draft_seconds_total) / rate(ctcspec_decode_seconds_total)`.
+One registry per server, so several apps in one process (tests) never share counts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ctcspec.engine import GenerationStats
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("ctcspec_requests", "HTTP requests answered, by endpoint and status code",
+                                ["endpoint", "status"], registry=registry)
+        self.prompt_tokens = Counter("ctcspec_prompt_tokens", "prompt tokens of admitted requests",
+                                     registry=registry)
+        self.generation_tokens = Counter("ctcspec_generation_tokens", "tokens generated", registry=registry)
+        self.waiting = Gauge("ctcspec_requests_waiting", "admitted requests waiting for the engine", registry=registry)
+        self.running = Gauge("ctcspec_requests_running", "requests the engine is generating (0 or 1)",
+                             registry=registry)
+        self.base_forwards = Counter("ctcspec_base_forwards", "base-model forwards (prefill included)",
+                                     registry=registry)
+        self.step_tokens = Histogram("ctcspec_tokens_per_step",
+                                     "tokens emitted per base forward: accepted draft tokens + the base model's own",
+                                     buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32), registry=registry)
+        self.draft_seconds = Counter("ctcspec_draft_seconds", "time spent drafting", registry=registry)
+        self.decode_seconds = Counter("ctcspec_decode_seconds", "time spent decoding after prefill (drafting, "
+                                      "verification, bookkeeping)", registry=registry)
+        self.queue_seconds = Histogram("ctcspec_queue_seconds", "time from admission to the engine starting",
+                                       buckets=LATENCY_BUCKETS, registry=registry)
+        self.first_token_seconds = Histogram("ctcspec_time_to_first_token_seconds",
+                                             "time from admission to the answer's first text",
+                                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.request_seconds = Histogram("ctcspec_request_seconds", "time from admission to the last token",
+                                         buckets=LATENCY_BUCKETS, registry=registry)
+
+    def record_generation(self, stats: GenerationStats) -> None:
+        self.generation_tokens.inc(stats.new_tokens)
+        self.base_forwards.inc(stats.steps)
+        self.draft_seconds.inc(stats.draft_s)
+        self.decode_seconds.inc(stats.decode_s)
