@@ -182,7 +182,7 @@ CASES = {
     "bench: unknown --peers": (
         lambda f: _bench(f, "--peers", "vllm"), ("--peers", "unknown peer 'vllm'")),
     "generate: --temperature negative": (
-        lambda f: _gen(f, "--temperature", "-1"), ("--temperature", "at least 0, got -1")),
+        lambda f: _gen(f, "--temperature", "-1"), ("--temperature", "0 or at least 1e-05, got -1")),
     "generate: --top-p above 1": (
         lambda f: _gen(f, "--top-p", "1.5"), ("--top-p", "in (0, 1], got 1.5")),
     "bench: --top-k 0": (

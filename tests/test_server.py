@@ -159,6 +159,8 @@ def test_stop_strings_end_the_answer_before_them(server, client, tiny_model_dir,
     assert text == expected and finish == "stop"
     unmatched = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=24, stop="w999 w998")
     assert unmatched.choices[0].text == " ".join(words) and unmatched.choices[0].finish_reason == "length"
+    last = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=24, stop=" " + words[-1])
+    assert last.choices[0].finish_reason == "stop"  # completed by the last token allowed: still a stop
 
 
 def test_seeded_sampling_equals_ctcspec_generate(server, client, capsys, tiny_model_dir):
@@ -205,7 +207,7 @@ ERRORS = {
     "empty messages": (CHAT, {"messages": []}, AUTH, 400, "messages", None),
     "unknown role": (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, AUTH, 400, "messages.0.role", None),
     "image content": (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-                      AUTH, 400, "messages.0.content", None),
+                      AUTH, 400, "messages.0.content.0.type", None),
     "negative temperature": (CHAT, {"messages": USER, "temperature": -1}, AUTH, 400, "temperature", None),
     "top_p above 1": (CHAT, {"messages": USER, "top_p": 2}, AUTH, 400, "top_p", None),
     "temperature not a number": (CHAT, {"messages": USER, "temperature": "hot"}, AUTH, 400, "temperature", None),
@@ -214,6 +216,13 @@ ERRORS = {
     "logprobs": (CHAT, {"messages": USER, "logprobs": True}, AUTH, 400, "logprobs", None),
     "tools": (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, AUTH, 400, "tools", None),
     "frequency_penalty": (CHAT, {"messages": USER, "frequency_penalty": 0.5}, AUTH, 400, "frequency_penalty", None),
+    "presence_penalty": (CHAT, {"messages": USER, "presence_penalty": -1}, AUTH, 400, "presence_penalty", None),
+    "temperature that overflows": (CHAT, {"messages": USER, "temperature": 1e-40}, AUTH, 400, "temperature", None),
+    "a lone surrogate": (CHAT, '{"messages": [{"role": "user", "content": "w1 \\ud800"}]}', AUTH, 400,
+                         "messages.0.content", None),
+    "stop string too long": (CHAT, {"messages": USER, "stop": "w1" * 200}, AUTH, 400, "stop", None),
+    "too many stop strings": (CHAT, {"messages": USER, "stop": [f"w{i}" for i in range(17)]}, AUTH, 400, "stop",
+                              None),
     "unknown field": (CHAT, {"messages": USER, "max_tokenz": 5}, AUTH, 400, "max_tokenz", None),
     "stream_options without stream": (CHAT, {"messages": USER, "stream_options": {"include_usage": True}}, AUTH,
                                       400, None, None),

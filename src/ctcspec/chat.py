@@ -18,9 +18,6 @@ from ctcspec.errors import CtcspecError
 from ctcspec.prompts import encode_chat
 from ctcspec.text import ReleasedText
 
-with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
-    import readline  # noqa: F401
-
 HELP = ("commands: /reset forgets the conversation, /stats shows the last answer's figures, /quit ends; "
         "Ctrl-C stops an answer")
 
@@ -78,6 +75,8 @@ def read_line(lines: TextIO, interactive: bool) -> str:
     """The next line, "" at the end of input; at a terminal through input(), with line editing."""
     if not interactive:
         return lines.readline()
+    with contextlib.suppress(ImportError):  # here only: importing it changes input() for the whole process
+        import readline  # noqa: F401  (line editing and history, where the platform has it)
     try:
         return input("> ") + "\n"
     except EOFError:

@@ -30,7 +30,7 @@ from ctcspec.bench.summary import describe_settings, format_category_table, form
 from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
 from ctcspec.chat import Conversation, run_chat
 from ctcspec.cpu_kernels import KERNELS
-from ctcspec.decoding import decoding_for, eos_ids, settings_in_effect
+from ctcspec.decoding import MIN_TEMPERATURE, decoding_for, eos_ids, settings_in_effect
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
@@ -42,7 +42,7 @@ from ctcspec.search import TRANSFORMS
 from ctcspec.server.app import check_address, create_app, run_server
 from ctcspec.server.metrics import ServerMetrics
 from ctcspec.server.service import GenerationService
-from ctcspec.text import ReleasedText
+from ctcspec.text import ReleasedText, decode
 from ctcspec.training.compare import (
     EVAL_BUDGETS,
     EvalRow,
@@ -107,7 +107,8 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
         "decoding", "greedy by default, with the processors of the model's generation_config (as "
                     "model.generate(do_sample=False)); --temperature T > 0 or --sample samples, with the distribution "
                     "of model.generate(do_sample=True)")
-    group.add_argument("--temperature", type=bounded_float(lambda v: v >= 0, "at least 0"), default=None, metavar="T",
+    group.add_argument("--temperature", default=None, metavar="T",
+                       type=bounded_float(lambda v: v == 0 or v >= MIN_TEMPERATURE, f"0 or at least {MIN_TEMPERATURE}"),
                        help="0: greedy; above 0: sample at this temperature (overrides the generation_config's)")
     group.add_argument("--sample", action="store_true",
                        help="sample with the model's own generation_config settings (e.g. Qwen2.5-Instruct's "
@@ -185,9 +186,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     _add_kernel_args(p)
     p.add_argument("--drafter", default=None,
-                     help=f"{' | '.join(DRAFTERS)} (default: ctc+lookup when a CTC drafter is given or ships for "
-                          "the model, the fastest on both benchmarks here; else the kind of --drafter-path; else "
-                          "lookup)")
+                   help=f"{' | '.join(DRAFTERS)} (default: ctc+lookup when a CTC drafter is given or ships for the "
+                        "model, the fastest on both benchmarks here; else the kind of --drafter-path; else lookup)")
     _add_drafter_args(p)
 
 
@@ -513,7 +513,7 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps({"prompt": text, "model": str(loaded.path), "drafter": name,
                           "settings": drafter.settings(), "settings_in_effect": in_effect, "seed": seed,
-                          "output": loaded.tokenizer.decode(result.tokens, skip_special_tokens=True),
+                          "output": decode(loaded.tokenizer, result.tokens),
                           "output_ids": result.tokens, "stats": stats.to_dict()}))
     else:
         print(file=sys.stdout)

@@ -39,6 +39,9 @@ PURE_PROCESSORS = (
     lp.SuppressTokensLogitsProcessor, lp.TemperatureLogitsWarper, lp.TopHLogitsWarper, lp.TopKLogitsWarper,
     lp.TopPLogitsWarper, lp.TypicalLogitsWarper,
 )
+# Below this, the scores divided by the temperature overflow float32 and sampling fails, in generate as here (0 is
+# greedy); vLLM draws the same line.
+MIN_TEMPERATURE = 1e-5
 # Outputs the engine does not produce; asked for, they are refused rather than returned empty.
 UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 

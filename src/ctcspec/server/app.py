@@ -36,7 +36,6 @@ from ctcspec.server.schemas import ChatCompletionRequest, CompletionRequest, Gen
 from ctcspec.server.service import Failed, Finished, GenerationService, Job, QueueFull, ShuttingDown, StepText
 
 log = logging.getLogger(__name__)
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 class ApiError(Exception):
@@ -53,8 +52,9 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """pydantic's first complaint about a request body, as OpenAI words a 400."""
-    first = exc.errors()[0]
+    """pydantic's most specific complaint about a request body, as OpenAI words a 400: the deepest, and of a union's
+    branches the one whose type matched (a too-long list of stop strings, not "should be a string")."""
+    first = max(exc.errors(), key=lambda error: (len(error.get("loc", ())), not error["type"].endswith("_type")))
     if first.get("type") == "json_invalid":
         return ApiError(400, "the request body is not valid JSON")
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
@@ -110,14 +110,30 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
 
         async def counted(message):
             if message["type"] == "http.response.start":
+                route = scope.get("route")  # set by the router on a match: the label set stays bounded
+                endpoint = getattr(route, "path", "other")
                 self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, counted)
+
+
+class JobStream(EventSourceResponse):
+    """A job's server-sent events that cancel the job however the response ends: finished, the client gone (even
+    before the first event), or the server stopping. Cancelling a finished job does nothing."""
+
+    def __init__(self, job: Job, events, **kwargs):
+        super().__init__(events, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 def sse(payload: dict | str) -> bytes:
@@ -242,7 +258,7 @@ async def respond(request: Request, body: GenerationFields, prompt_ids: list[int
     """Admit the request, then stream its answer, or wait for it (cancelling it if the client goes away)."""
     job = admit(served(request).service, body, prompt_ids, "messages" if reply.chat else "prompt")
     if body.stream:
-        return EventSourceResponse(stream(job, reply, body.include_usage()), headers={"Cache-Control": "no-cache"})
+        return JobStream(job, stream(job, reply, body.include_usage()), headers={"Cache-Control": "no-cache"})
     watcher = asyncio.create_task(cancel_when_gone(request, job))
     try:
         parts, done = [], None
@@ -254,6 +270,7 @@ async def respond(request: Request, body: GenerationFields, prompt_ids: list[int
         return reply.completion("".join(parts), done)
     finally:
         watcher.cancel()
+        job.cancel()  # when the wait itself was cancelled (the server stopping): no answer for nobody
 
 
 def admit(service: GenerationService, body: GenerationFields, prompt_ids: list[int], prompt_param: str) -> Job:
@@ -280,22 +297,19 @@ async def stream(job: Job, reply: Reply, include_usage: bool):
     """The job as OpenAI stream chunks: the role, one chunk per step that released text (with the step's token
     count), the finish reason with the request's figures, the usage if asked, then [DONE]."""
     usage = {"usage": None} if include_usage else {}
-    try:
-        if reply.chat:
-            yield sse(reply.chunk(None, role=True, **usage))
-        async for event in job.stream():
-            if isinstance(event, StepText) and event.text:
-                step = {"step": event.step, "step_tokens": event.step_tokens}
-                yield sse(reply.chunk(event.text, ctcspec=step, **usage))
-            elif isinstance(event, Finished):
-                yield sse(reply.chunk(event.text, event.finish_reason, ctcspec=event.stats, **usage))
-                if include_usage:
-                    yield sse(reply.usage_chunk(event))
-            elif isinstance(event, Failed):
-                yield sse({"error": ApiError(500, event.message, type="server_error").body})
-        yield sse("[DONE]")
-    finally:
-        job.cancel()  # a client that went away mid-stream frees the engine at its next step
+    if reply.chat:
+        yield sse(reply.chunk(None, role=True, **usage))
+    async for event in job.stream():
+        if isinstance(event, StepText) and event.text:
+            step = {"step": event.step, "step_tokens": event.step_tokens}
+            yield sse(reply.chunk(event.text, ctcspec=step, **usage))
+        elif isinstance(event, Finished):
+            yield sse(reply.chunk(event.text, event.finish_reason, ctcspec=event.stats, **usage))
+            if include_usage:
+                yield sse(reply.usage_chunk(event))
+        elif isinstance(event, Failed):
+            yield sse({"error": ApiError(500, event.message, type="server_error").body})
+    yield sse("[DONE]")
 
 
 async def cancel_when_gone(request: Request, job: Job) -> None:
@@ -325,7 +339,7 @@ async def _unexpected(request: Request, exc: Exception):
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     yield
-    await asyncio.to_thread(app.state.served.service.close)  # after uvicorn has drained the open requests
+    await app.state.served.service.shut_down()  # after uvicorn has drained (or, past --drain-timeout, cancelled)
 
 
 def create_app(service: GenerationService, model_name: str, api_key: str | None = None) -> FastAPI:

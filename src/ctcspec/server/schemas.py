@@ -10,9 +10,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from ctcspec.decoding import MIN_TEMPERATURE
 
 MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+
+def _unicode(text: str) -> str:
+    """JSON can spell a lone surrogate (\\ud800), which is no Unicode text and no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopText = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -23,13 +39,13 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
     name: str | None = None
 
     def as_template_message(self) -> dict:
@@ -51,12 +67,12 @@ class GenerationFields(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
@@ -85,6 +101,13 @@ class GenerationFields(BaseModel):
     def _no_logit_bias(cls, value):
         return _refuse(value or None, None, "logit_bias is not supported")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if value and value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
@@ -99,14 +122,19 @@ class GenerationFields(BaseModel):
             raise ValueError("stream_options is only allowed with stream: true")
         return self
 
+    def length(self) -> int | None:
+        """The most tokens to generate (None: what the context leaves)."""
+        return self.max_tokens
+
     def sampling_settings(self) -> dict:
         """The `model.generate` settings these fields ask for: greedy when temperature is 0 or left out (as
         `ctcspec generate`), else sampling at that temperature; top_p, top_k and min_p shape sampling only (with
-        greedy they are ignored, as OpenAI ignores them); top_k -1 or 0 means no top-k, as in vLLM."""
+        greedy they are ignored, as OpenAI ignores them). Left out, they are the model's generation_config's, as in
+        `model.generate` (transformers' default top_k is 50); top_k -1 or 0 means no top-k, as in vLLM."""
         settings = {"do_sample": bool(self.temperature)}
         if self.temperature:
             settings["temperature"] = self.temperature
-            shaping = {"top_p": self.top_p, "top_k": self.top_k if self.top_k and self.top_k > 0 else None,
+            shaping = {"top_p": self.top_p, "top_k": None if self.top_k is None else max(self.top_k, 0),
                        "min_p": self.min_p}
             settings.update({key: value for key, value in shaping.items() if value is not None})
         if self.repetition_penalty is not None:
@@ -154,7 +182,7 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
@@ -191,6 +219,3 @@ class CompletionRequest(GenerationFields):
         if not prompt:
             raise ValueError("the prompt is empty")
         return prompt
-
-    def length(self) -> int | None:
-        return self.max_tokens

@@ -1,9 +1,10 @@
 """One engine serving many requests: a bounded queue, one generation at a time on a worker thread.
 
-Invariant: the engine runs on exactly one thread (the worker), one generation at a time, in arrival order; a
-request's coroutine only ever sees its job's events. A job that is cancelled (its client went away) ends at the
-engine's next emitted token through a stopping criterion, so the engine is free again within one step, and a job
-cancelled while still waiting never reaches the engine. At most `max_queue` jobs are admitted (waiting or running).
+Invariant: the model runs on exactly one thread (the worker), one generation at a time, in arrival order; a
+request's coroutine only ever sees its job's events, and every job ends with one Finished or Failed. A job that is
+cancelled (its client went away, or the server is stopping) ends at the engine's next emitted token through a
+stopping criterion, so the engine is free again within one step, and a job cancelled while still waiting never
+reaches the engine. At most `max_queue` jobs are admitted (waiting or running).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ctcspec.decoding import Decoding, decoding_for
 from ctcspec.engine import GenerationStats, SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.server.metrics import ServerMetrics
-from ctcspec.text import ReleasedText, first_stop
+from ctcspec.text import ReleasedText, decode, first_stop
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class EndCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = self.cancelled.is_set()
         if self.stops and not done:
-            text = self.tokenizer.decode(input_ids[0, self.prompt_len:], skip_special_tokens=True)
+            text = decode(self.tokenizer, input_ids[0, self.prompt_len:])
             done = first_stop(text, self.stops) >= 0
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -65,6 +66,7 @@ class StepText:
 
 @dataclass(frozen=True)
 class Finished:
+    """A job's last event when it ran to its end: the rest of its text, and its figures."""
     text: str                  # the rest of the text
     finish_reason: str         # stop | length
     completion_tokens: int
@@ -73,10 +75,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
+    """A job's last event when it could not run (or was cancelled before it started)."""
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Job:
     """One admitted request: what to generate, and the channel its events come back on."""
     prompt_ids: list[int]
@@ -114,13 +117,15 @@ def request_stats(stats: GenerationStats, drafter: str, queue_s: float, seed: in
 
 
 class GenerationService:
-    """The engine behind the server: prepares requests (on the caller's thread), runs them one at a time."""
+    """The engine behind the server. Requests are prepared on the event loop — transformers validates their
+    settings and builds their processors, no forward runs — so a setting generate refuses is an error before
+    anything streams; only the worker thread runs the model."""
 
     def __init__(self, engine: SpeculativeEngine, tokenizer, max_queue: int, metrics: ServerMetrics):
         self.engine, self.tokenizer, self.max_queue, self.metrics = engine, tokenizer, max_queue, metrics
         self.context, self.context_note = engine.backend.context_limit(engine.max_context)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctcspec-engine")
-        self._admitted = 0     # only touched on the event loop
+        self._jobs: set[Job] = set()   # admitted, not yet done; only touched on the event loop
         self._closing = False
         self.started = time.time()
 
@@ -138,7 +143,7 @@ class GenerationService:
         Sampling without a seed gets a fresh one, reported with the response so the output can be reproduced."""
         if self._closing:
             raise ShuttingDown
-        if self._admitted >= self.max_queue:
+        if len(self._jobs) >= self.max_queue:
             raise QueueFull
         if settings.get("do_sample") and seed is None:
             seed = secrets.randbelow(2**31)
@@ -147,20 +152,28 @@ class GenerationService:
         decoding = decoding_for(self.engine.model, prompt_ids, seed=seed, max_new_tokens=max_new_tokens,
                                 stopping_criteria=StoppingCriteriaList([end]), **settings)
         job = Job(prompt_ids, max_new_tokens, decoding, tuple(stops), seed, asyncio.get_running_loop(), cancelled)
-        self._admitted += 1
+        self._jobs.add(job)
         self.metrics.waiting.inc()
-        self._worker.submit(self._run, job).add_done_callback(lambda _: job.loop.call_soon_threadsafe(self._release))
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self._worker.submit(self._run, job).add_done_callback(
+            lambda _: job.loop.call_soon_threadsafe(self._jobs.discard, job))
         return job
 
-    def _release(self) -> None:
-        self._admitted -= 1
-
     def _run(self, job: Job) -> None:
-        """On the worker thread: one generation, its events sent to the job as each step ends."""
+        """On the worker thread: one generation; the job always gets a last event, Finished or Failed."""
         self.metrics.waiting.dec()
+        try:
+            job.put(self._generate(job))
+        except CtcspecError as exc:
+            job.put(Failed(str(exc)))
+        except Exception as exc:  # never a traceback to the client; the log has it
+            log.exception("generation failed")
+            job.put(Failed(f"internal error during generation ({type(exc).__name__})"))
+
+    def _generate(self, job: Job) -> Finished | Failed:
+        """The generation itself, its text sent to the job as each step ends."""
         if job.cancelled.is_set():
-            job.put(Failed("cancelled before it started"))
-            return
+            return Failed("cancelled before it started")
         queue_s = time.perf_counter() - job.admitted
         self.metrics.queue_seconds.observe(queue_s)
         text = ReleasedText(self.tokenizer, job.stops)
@@ -178,24 +191,18 @@ class GenerationService:
 
         self.metrics.running.inc()
         try:
-            result = self.engine.generate(job.prompt_ids, job.max_new_tokens, on_tokens=on_tokens,
-                                          decoding=job.decoding)
-        except CtcspecError as exc:
-            job.put(Failed(str(exc)))
-            return
-        except Exception as exc:  # never a traceback to the client; the log has it
-            log.exception("generation failed")
-            job.put(Failed(f"internal error during generation ({type(exc).__name__})"))
-            return
+            stats = self.engine.generate(job.prompt_ids, job.max_new_tokens, on_tokens=on_tokens,
+                                         decoding=job.decoding).stats
         finally:
             self.metrics.running.dec()
-        stats = result.stats
         self.metrics.record_generation(stats)
         self.metrics.request_seconds.observe(time.perf_counter() - job.admitted)
-        job.put(Finished(text.finish(), FINISH_REASONS.get(stats.stop_reason, "stop"), stats.new_tokens,
-                         request_stats(stats, self.drafter, queue_s, job.seed)))
+        finish = "stop" if text.stopped else FINISH_REASONS.get(stats.stop_reason, "stop")
+        return Finished(text.finish(), finish, stats.new_tokens, request_stats(stats, self.drafter, queue_s, job.seed))
 
-    def close(self) -> None:
-        """Take no new jobs; let admitted ones finish, then stop the worker."""
+    async def shut_down(self) -> None:
+        """Take no new jobs, cancel the admitted ones (the running one ends at its next step), stop the worker."""
         self._closing = True
-        self._worker.shutdown(wait=True)
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
