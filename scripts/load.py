@@ -14,6 +14,8 @@ Measured per request:
   - TTFT: seconds from sending the request to the first chunk with non-empty content;
   - latency: seconds from sending the request to the end of the stream;
   - completion tokens: taken from the final usage chunk (a stream without one counts as an error);
+  - β: tokens per base-model forward over the level (completion tokens / forwards), from the per-request figures
+    ctcspec serve puts in its usage chunk ("ctcspec": {"steps", ...}; "-" for other servers);
   - errors: any exception or error status (connection errors, 4xx/5xx, timeouts). Errors are counted, never fatal;
     the first message of each kind is printed. A client pauses 0.1 s after an error so a refusing server is not
     hammered in a tight loop.
@@ -52,6 +54,7 @@ class RequestResult:
     ttft: float | None = None
     latency: float | None = None
     completion_tokens: int = 0
+    steps: int | None = None   # base-model forwards, from ctcspec's figures in the usage chunk (other servers: None)
     error_kind: str | None = None
     error_message: str | None = None
 
@@ -107,7 +110,7 @@ def describe_error(exc: Exception) -> tuple[str, str]:
 async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> RequestResult:
     start = time.perf_counter()
     ttft = None
-    usage = None
+    usage, figures = None, {}
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -122,13 +125,15 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
                 ttft = time.perf_counter() - start
             if chunk.usage is not None:
                 usage = chunk.usage
+                figures = (chunk.model_extra or {}).get("ctcspec") or {}
     except Exception as exc:  # every failure is counted, none is fatal
         kind, message = describe_error(exc)
         return RequestResult(ok=False, error_kind=kind, error_message=message)
     latency = time.perf_counter() - start
     if usage is None:
         return RequestResult(ok=False, error_kind="MissingUsage", error_message="stream ended without a usage chunk")
-    return RequestResult(ok=True, ttft=ttft, latency=latency, completion_tokens=usage.completion_tokens)
+    return RequestResult(ok=True, ttft=ttft, latency=latency, completion_tokens=usage.completion_tokens,
+                         steps=figures.get("steps"))
 
 
 async def client_loop(client: AsyncOpenAI, model: str, prompts: list[str], offset: int, max_tokens: int,
@@ -165,6 +170,8 @@ def summarize(n_clients: int, results: list[RequestResult], elapsed: float) -> d
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     latencies = [r.latency for r in ok]
     tokens = sum(r.completion_tokens for r in ok)
+    counted = [r for r in ok if r.steps]
+    beta = sum(r.completion_tokens for r in counted) / sum(r.steps for r in counted) if counted else None
     return {
         "clients": n_clients,
         "requests": len(ok),
@@ -175,6 +182,7 @@ def summarize(n_clients: int, results: list[RequestResult], elapsed: float) -> d
         "latency_p50": percentile(latencies, 50),
         "latency_p95": percentile(latencies, 95),
         "errors": len(results) - len(ok),
+        "beta": beta,
         "completion_tokens": tokens,
         "wall_s": elapsed,
     }
@@ -194,12 +202,14 @@ def fmt(value: float | None) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| clients | requests | requests/s | output tok/s | TTFT p50 | TTFT p95 | latency p50 | latency p95 | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | requests | requests/s | output tok/s | β | TTFT p50 | TTFT p95 | latency p50 | latency p95 "
+        "| errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['clients']} | {row['requests']} | {row['requests_per_s']:.2f} | {row['output_tok_per_s']:.1f} "
+            f"| {'-' if row['beta'] is None else format(row['beta'], '.2f')} "
             f"| {fmt(row['ttft_p50'])} | {fmt(row['ttft_p95'])} | {fmt(row['latency_p50'])} "
             f"| {fmt(row['latency_p95'])} | {row['errors']} |"
         )

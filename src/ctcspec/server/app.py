@@ -54,7 +54,8 @@ def error_response(error: ApiError) -> JSONResponse:
 def validation_error(exc: RequestValidationError) -> ApiError:
     """pydantic's most specific complaint about a request body, as OpenAI words a 400: the deepest, and of a union's
     branches the one whose type matched (a too-long list of stop strings, not "should be a string")."""
-    first = max(exc.errors(), key=lambda error: (len(error.get("loc", ())), not error["type"].endswith("_type")))
+    first = max(exc.errors(), key=lambda error: (len(error.get("loc", ())),
+                                                 not error["type"].endswith(("_type", "_parsing"))))
     if first.get("type") == "json_invalid":
         return ApiError(400, "the request body is not valid JSON")
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
@@ -110,15 +111,25 @@ class CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        def count(status: int) -> None:
+            route = scope.get("route")  # set by the router on a match: the label set stays bounded
+            self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
 
         async def counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                route = scope.get("route")  # set by the router on a match: the label set stays bounded
-                endpoint = getattr(route, "path", "other")
-                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+                started = True
+                count(message["status"])
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # the outer error middleware answers 500
+                count(500)
+            raise
 
 
 class JobStream(EventSourceResponse):
@@ -338,8 +349,12 @@ async def _unexpected(request: Request, exc: Exception):
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    yield
-    await app.state.served.service.shut_down()  # after uvicorn has drained (or, past --drain-timeout, cancelled)
+    service = app.state.served.service
+    try:
+        yield
+    finally:  # after uvicorn has drained (or, past --drain-timeout, cancelled) the open requests; or a forced exit
+        service.close()
+    await service.wait_closed()
 
 
 def create_app(service: GenerationService, model_name: str, api_key: str | None = None) -> FastAPI:

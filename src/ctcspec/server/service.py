@@ -1,7 +1,8 @@
 """One engine serving many requests: a bounded queue, one generation at a time on a worker thread.
 
 Invariant: the model runs on exactly one thread (the worker), one generation at a time, in arrival order; a
-request's coroutine only ever sees its job's events, and every job ends with one Finished or Failed. A job that is
+request's coroutine only ever sees its job's events, and every job the worker takes up ends with one Finished or
+Failed (jobs still waiting when the server stops are dropped, their clients gone). A job that is
 cancelled (its client went away, or the server is stopping) ends at the engine's next emitted token through a
 stopping criterion, so the engine is free again within one step, and a job cancelled while still waiting never
 reaches the engine. At most `max_queue` jobs are admitted (waiting or running).
@@ -10,6 +11,7 @@ reaches the engine. At most `max_queue` jobs are admitted (waiting or running).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -96,8 +98,10 @@ class Job:
         self.cancelled.set()
 
     def put(self, event) -> None:
-        """From the worker thread: hand an event to the request's coroutine."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        """From the worker thread: hand an event to the request's coroutine (none left once the loop is closed,
+        after a forced exit)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def stream(self) -> AsyncIterator[StepText | Finished | Failed]:
         """The job's events, up to and including its Finished or Failed."""
@@ -155,9 +159,12 @@ class GenerationService:
         self._jobs.add(job)
         self.metrics.waiting.inc()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        self._worker.submit(self._run, job).add_done_callback(
-            lambda _: job.loop.call_soon_threadsafe(self._jobs.discard, job))
+        self._worker.submit(self._run, job).add_done_callback(lambda _: self._done(job))
         return job
+
+    def _done(self, job: Job) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed after a forced exit: nothing to tidy
+            job.loop.call_soon_threadsafe(self._jobs.discard, job)
 
     def _run(self, job: Job) -> None:
         """On the worker thread: one generation; the job always gets a last event, Finished or Failed."""
@@ -200,9 +207,14 @@ class GenerationService:
         finish = "stop" if text.stopped else FINISH_REASONS.get(stats.stop_reason, "stop")
         return Finished(text.finish(), finish, stats.new_tokens, request_stats(stats, self.drafter, queue_s, job.seed))
 
-    async def shut_down(self) -> None:
-        """Take no new jobs, cancel the admitted ones (the running one ends at its next step), stop the worker."""
+    def close(self) -> None:
+        """Take no new jobs, cancel the admitted ones (the running one ends at its next step, the waiting ones are
+        dropped); does not wait."""
         self._closing = True
         for job in list(self._jobs):
             job.cancel()
-        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_closed(self) -> None:
+        """Until the worker has finished its last step."""
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
