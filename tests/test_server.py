@@ -190,6 +190,9 @@ def test_models_health_page_and_metrics(server, client, tiny_model_dir):
                  "ctcspec_time_to_first_token_seconds_bucket"):
         assert name in metrics, name
     assert _metric(metrics, "ctcspec_tokens_per_step_sum") == _metric(metrics, "ctcspec_generation_tokens_total")
+    beta = _metric(metrics, "ctcspec_generation_tokens_total") / _metric(metrics, "ctcspec_base_forwards_total")
+    assert _metric(metrics, "ctcspec_beta") == pytest.approx(beta)
+    assert 0 < _metric(metrics, "ctcspec_draft_share") < 1
 
 
 def _metric(text: str, name: str) -> float:

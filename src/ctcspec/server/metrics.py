@@ -1,7 +1,8 @@
 """The server's Prometheus metrics: traffic, queue, and what speculation is doing.
 
-Speculation's own figures: `ctcspec_tokens_per_step` (tokens each base forward emitted: its mean is the paper's
-beta, live), and the drafting share, `rate(ctcspec_draft_seconds_total) / rate(ctcspec_decode_seconds_total)`.
+Speculation's own figures: `ctcspec_beta` and `ctcspec_draft_share` over the server's life so far, and for windows
+`ctcspec_tokens_per_step` (tokens each base forward emitted: its mean is the paper's beta) and
+`rate(ctcspec_draft_seconds_total) / rate(ctcspec_decode_seconds_total)`.
 One registry per server, so several apps in one process (tests) never share counts.
 """
 
@@ -40,9 +41,19 @@ class ServerMetrics:
                                              buckets=LATENCY_BUCKETS, registry=registry)
         self.request_seconds = Histogram("ctcspec_request_seconds", "time from admission to the last token",
                                          buckets=LATENCY_BUCKETS, registry=registry)
+        self._totals = GenerationStats()  # of every finished generation; only the worker thread adds to it
+        Gauge("ctcspec_beta", "tokens per base forward over the finished generations (the paper's beta)",
+              registry=registry).set_function(lambda: self._totals.beta)
+        Gauge("ctcspec_draft_share", "drafting's share of decoding time over the finished generations",
+              registry=registry).set_function(lambda: self._totals.draft_s / (self._totals.decode_s or 1.0))
 
     def record_generation(self, stats: GenerationStats) -> None:
         self.generation_tokens.inc(stats.new_tokens)
         self.base_forwards.inc(stats.steps)
         self.draft_seconds.inc(stats.draft_s)
         self.decode_seconds.inc(stats.decode_s)
+        totals = self._totals
+        totals.new_tokens, totals.steps = totals.new_tokens + stats.new_tokens, totals.steps + stats.steps
+        totals.draft_s += stats.draft_s
+        totals.verify_s += stats.verify_s
+        totals.bookkeeping_s += stats.bookkeeping_s
