@@ -1,9 +1,11 @@
 # Two entry points: `make demo` (set up, then benchmark vanilla, lookup and the shipped trained drafters
 # (Medusa, Hydra, EAGLE-style, CTC) side by side on the embedded default model)
-# and `make test` (set up, then run the test suite). Everything lives in ./.venv.
+# and `make test` (set up, build llama.cpp (`make peers`), then run the test suite). Everything lives in ./.venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+
+PEERS_STAMP := $(VENV)/.peers-installed
 
 .PHONY: setup demo test lint clean peers
 
@@ -24,20 +26,22 @@ demo: setup
 	$(VENV)/bin/ctcspec bench --bench builtin --drafters vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup \
 		--max-new-tokens 128 --threads 1 --out runs/demo
 
-test: setup
+test: setup peers
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check .
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-peers: setup
-	# llama.cpp as a peer system for `ctcspec bench` (docs/peers.md); not part of `make test`. llama-cpp-python is
-	# built here from its source release (about 10 min, no prebuilt binaries), and that release's GGUF converter
-	# (convert_hf_to_gguf.py with its conversion/ and gguf-py/) goes to $(VENV)/share/ctcspec/llama.cpp.
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): $(STAMP)
+	# llama.cpp for `--backend llama.cpp` and as a peer system for `ctcspec bench` (docs/llama_cpp.md). llama-cpp-python is
+	# built here from its source release (about 9 min on 2 cores, no prebuilt binaries), and that release's GGUF
+	# converter (convert_hf_to_gguf.py with its conversion/ and gguf-py/) goes to $(VENV)/share/ctcspec/llama.cpp.
 	rm -rf $(VENV)/share/ctcspec/sdist && mkdir -p $(VENV)/share/ctcspec/sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/share/ctcspec/sdist llama-cpp-python==0.3.36
-	CMAKE_ARGS="-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 		-DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PY) -m pip install -q --no-binary llama-cpp-python \
 		$(VENV)/share/ctcspec/sdist/llama_cpp_python-0.3.36.tar.gz
 	# The converter imports sentencepiece unconditionally.
@@ -47,6 +51,7 @@ peers: setup
 		-C $(VENV)/share/ctcspec/llama.cpp llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
 		llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
 	rm -rf $(VENV)/share/ctcspec/sdist
+	touch $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ctcspec.backends import BACKEND_CLASSES
+from ctcspec.backends import TORCH_BACKENDS
 from ctcspec.cpu_kernels import pack_linear_layers, packing_supported
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
@@ -101,7 +101,7 @@ def main() -> None:
         if kernels == "packed":
             pack_linear_layers(model)
             setups = [("hf", "packed"), ("static", "packed")]
-        backends = {name: BACKEND_CLASSES[name](model) for name, _ in setups}
+        backends = {name: TORCH_BACKENDS[name](model) for name, _ in setups}
         caches = {}
         for name, backend in backends.items():
             caches[name] = backend.new_cache(args.context + 8)

@@ -9,7 +9,7 @@ from ctc_helpers import tiny_ctc_drafter
 from test_equivalence import RandomTreeDrafter, prompts
 
 from conftest import hf_greedy, tiny_model
-from ctcspec.backends import BACKEND_CLASSES, HFBackend, StaticBackend, make_backend
+from ctcspec.backends import TORCH_BACKENDS, HFBackend, StaticBackend, make_backend
 from ctcspec.drafters import LookupDrafter, VanillaDrafter
 from ctcspec.drafters.hybrid import CTCLookupDrafter
 from ctcspec.engine import SpeculativeEngine
@@ -52,11 +52,11 @@ def test_backends_agree_on_logits_hidden_states_and_cache(arch):
         torch.testing.assert_close(v, hv, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend_name", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("backend_name", sorted(TORCH_BACKENDS))
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_every_backend_is_identical_to_hf_generate(arch, backend_name):
     model = tiny_model(arch)
-    backend = BACKEND_CLASSES[backend_name](model)
+    backend = TORCH_BACKENDS[backend_name](model)
     for prompt in prompts(8):
         expected = hf_greedy(model, prompt, 40)
         for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=24), RandomTreeDrafter(len(prompt)),
@@ -66,11 +66,11 @@ def test_every_backend_is_identical_to_hf_generate(arch, backend_name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend_name", sorted(BACKEND_CLASSES))
+@pytest.mark.parametrize("backend_name", sorted(TORCH_BACKENDS))
 def test_half_precision_is_identical_to_hf_generate_on_the_same_half_precision_model(backend_name, dtype):
     """Lossless at a lower precision means: the same tokens as HF `generate` on the model in that precision."""
     model = tiny_model("llama", seed=2).to(dtype)
-    backend = BACKEND_CLASSES[backend_name](model)
+    backend = TORCH_BACKENDS[backend_name](model)
     for prompt in prompts(6):
         expected = hf_greedy(model, prompt, 32)
         for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=16), RandomTreeDrafter(3)):

@@ -213,7 +213,9 @@ CASES = {
     "chat: --top-p without sampling": (
         lambda f: ["chat", "--model", f.model, "--top-p", "0.5"], ("--top-p only shape sampling",)),
 }
-if importlib.util.find_spec("llama_cpp") is None:  # CI: the peers are a separate `make peers`
+CASES["generate: --backend llama.cpp with --dtype bfloat16"] = (
+    lambda f: _gen(f, "--backend", "llama.cpp", "--dtype", "bfloat16"), ("llama.cpp runs on the CPU", "--gguf"))
+if importlib.util.find_spec("llama_cpp") is None:  # `make test` builds llama.cpp; a bare install does not
     CASES["bench: --peers llama.cpp without llama-cpp-python"] = (
         lambda f: _bench(f, "--peers", "llama.cpp"), ("llama-cpp-python", "make peers"))
 if not torch.cuda.is_available():

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from conftest import hf_greedy, tiny_model
 from ctcspec.accept import accept_path
-from ctcspec.backends import BACKEND_CLASSES
+from ctcspec.backends import TORCH_BACKENDS
 from ctcspec.engine import speculative_step
 from ctcspec.tree import ROOT, TokenTree
 from ctcspec.verify import prefill
@@ -39,12 +39,12 @@ def assert_cache_equals_plain_forward(backend, cache, tokens: list[int]):
         torch.testing.assert_close(values, want.values, atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture(scope="module", params=[(arch, backend) for arch in ("llama", "qwen2") for backend in BACKEND_CLASSES],
+@pytest.fixture(scope="module", params=[(arch, backend) for arch in ("llama", "qwen2") for backend in TORCH_BACKENDS],
                 ids=lambda p: "-".join(p))
 def model_and_truth(request):
     arch, backend = request.param
     model = tiny_model(arch, seed=3)
-    return BACKEND_CLASSES[backend](model), hf_greedy(model, PROMPT, 40)
+    return TORCH_BACKENDS[backend](model), hf_greedy(model, PROMPT, 40)
 
 
 def wrong(token: int) -> int:

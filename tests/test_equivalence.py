@@ -7,6 +7,7 @@ import torch
 from ctc_helpers import tiny_ctc_drafter, tiny_heads_drafter
 
 from conftest import VOCAB, hf_greedy, tiny_model
+from ctcspec.budget import BudgetPlan
 from ctcspec.drafters import DRAFTERS, LookupDrafter, VanillaDrafter
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.drafters.hybrid import CTCLookupDrafter
@@ -19,14 +20,14 @@ class RandomTreeDrafter(Drafter):
 
     name = "random"
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, vocab: int = VOCAB):
+        self.seed, self.vocab = seed, vocab
 
     def reset(self) -> None:
         self.gen = torch.Generator().manual_seed(self.seed)
 
     def propose(self, request: DraftRequest) -> TokenTree:
-        seqs = [torch.randint(0, VOCAB, (4,), generator=self.gen).tolist() for _ in range(3)]
+        seqs = [torch.randint(0, self.vocab, (4,), generator=self.gen).tolist() for _ in range(3)]
         return TokenTree.from_sequences(seqs + [seqs[0][:2] + [3]])
 
 
@@ -35,13 +36,13 @@ class OracleDrafter(Drafter):
 
     name = "oracle"
 
-    def __init__(self, prompt: list[int], answer: list[int]):
-        self.full = prompt + answer
+    def __init__(self, prompt: list[int], answer: list[int], vocab: int = VOCAB):
+        self.full, self.vocab = prompt + answer, vocab
 
     def propose(self, request: DraftRequest) -> TokenTree:
         n = len(request.tokens)
         truth = self.full[n: n + 1 + n % 5]
-        wrong = [(t + 1) % VOCAB for t in truth]
+        wrong = [(t + 1) % self.vocab for t in truth]
         return TokenTree.from_sequences([wrong[:2], truth, truth[:1] + wrong[1:]])
 
 
@@ -61,10 +62,16 @@ def prompts(count: int = 32) -> list[list[int]]:
     return out
 
 
+# a cost plan under which ctc+lookup's CTC budget changes from step to step (0 included)
+PRICES = BudgetPlan({2: 0.6, 6: 1.2}, {1: 1.0, 4: 1.3, 8: 1.6, 16: 2.4}, {2: 0.0, 6: 0.1})
+
+
 def drafters_for(prompt, answer, model):
     ctc = tiny_ctc_drafter(model, seed=len(prompt), tree_budget=12)
+    priced = CTCLookupDrafter(tiny_ctc_drafter(model, seed=2, tree_budget=6), LookupDrafter(min_ngram=1))
     return [VanillaDrafter(), LookupDrafter(), LookupDrafter(min_ngram=1, tree_budget=40),
             ctc, CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), LookupDrafter(min_ngram=1)),
+            priced.priced(PRICES),
             *(tiny_heads_drafter(model, kind, seed=len(prompt), tree_budget=4 + len(prompt) % 9)
               for kind in ("medusa", "hydra", "eagle")),
             RandomTreeDrafter(len(prompt)), OracleDrafter(prompt, answer)]

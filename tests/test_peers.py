@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ctcspec.bench.peers import PEERS, check_vocab, converter_path, gguf_path, import_llama_cpp, make_peer
+from ctcspec.bench.peers import PEERS, make_peer
 from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError
+from ctcspec.gguf import check_vocab, converter_path, gguf_path, import_llama_cpp
 
 PROMPTS = [
     "Repeat the word 'apple' ten times, separated by commas.",
@@ -38,7 +39,7 @@ def test_missing_llama_cpp_is_a_ctcspec_error(monkeypatch, tmp_path):
 
 
 def test_missing_converter_is_a_ctcspec_error(monkeypatch, tmp_path):
-    from ctcspec.bench.peers import gguf_for
+    from ctcspec.gguf import gguf_for
 
     monkeypatch.setenv("CTCSPEC_GGUF_CONVERTER", str(tmp_path / "nowhere.py"))
     (tmp_path / "config.json").write_text("{}")
@@ -97,7 +98,7 @@ def prompts(smollm2):
 
 def test_gguf_maps_ids_like_the_hf_tokenizer(smollm2, peers):
     llm = peers["llama.cpp"]._llm
-    check_vocab(llm, smollm2.tokenizer)  # every id names the same piece
+    check_vocab(llm.model, smollm2.tokenizer)  # every id names the same piece
     text = "<|im_start|>user\nHello, world! Ünïcödé  spaces\t42 × 3.14 == def f(x): return x**2<|im_end|>\n"
     hf_ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf_ids

@@ -97,9 +97,9 @@ def interpolate_cost(cost: dict[int, float], q: int) -> float:
     return cost[hi] + (cost[hi] - cost[lo]) * (q - hi) / (hi - lo)
 
 
-def expected_rate(accepted: float, tree_budget: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:
-    """Expected tokens per second of a step drafting `tree_budget` nodes of which `accepted` are kept."""
-    return (1 + accepted) / (interpolate_cost(cost, tree_budget + 1) + draft_cost)
+def expected_rate(accepted: float, nodes: int, cost: dict[int, float], draft_cost: float = 0.0) -> float:
+    """Expected tokens per second of a step verifying `nodes` draft nodes of which `accepted` are kept."""
+    return (1 + accepted) / (interpolate_cost(cost, nodes + 1) + draft_cost)
 
 
 def drafting_cost_curve(drafter: Drafter, model: torch.nn.Module, budgets, context: int = 256,
@@ -132,13 +132,27 @@ class BudgetPlan:
     cost: dict[int, float]
     draft_cost: dict[int, float]
 
-    def rate(self, tree_budget: int, scale: float = 1.0) -> float:
-        return expected_rate(scale * self.acceptance[tree_budget], tree_budget, self.cost,
-                             self.draft_cost[tree_budget])
+    def rate(self, tree_budget: int, scale: float = 1.0, other_nodes: int = 0, other_accept: float = 0.0) -> float:
+        """Expected tokens per second when this drafter drafts `tree_budget` nodes (0: none, nor any drafting time),
+        its held-out acceptance scaled by `scale`. `other_nodes` nodes drafted by another drafter into the same tree
+        (ctc+lookup's copies), expected to keep `other_accept`, are verified too; the step keeps the better draft."""
+        accept = max(other_accept, scale * self.acceptance[tree_budget]) if tree_budget else other_accept
+        draft = self.draft_cost[tree_budget] if tree_budget else 0.0
+        return expected_rate(accept, other_nodes + tree_budget, self.cost, draft)
 
     def best(self, scale: float = 1.0) -> int:
         """The budget maximising expected tokens per unit time, (1 + accepted(b)) / (cost(1 + b) + draft(b))."""
         return max(self.acceptance, key=lambda b: self.rate(b, scale))
+
+    def best_or_none(self, scale: float = 1.0, other_nodes: int = 0, other_accept: float = 0.0) -> int:
+        """`best`, beside `other_nodes` nodes of another drafter's; 0 when drafting nothing is expected to be faster."""
+        return max([0, *self.acceptance], key=lambda b: self.rate(b, scale, other_nodes, other_accept))
+
+    def scale(self, accepted: float, expected: float, prior_steps: float) -> float:
+        """How far a generation's acceptance runs from the held-out curve: (accepted so far) / (what the curve
+        expected for the budgets used), with `prior_steps` steps' worth of the curve as a prior."""
+        reference = max(self.acceptance.values())
+        return (prior_steps * reference + accepted) / (prior_steps * reference + expected)
 
 
 def budget_plan(drafter: Drafter, backend: Backend) -> BudgetPlan | None:
@@ -150,10 +164,11 @@ def budget_plan(drafter: Drafter, backend: Backend) -> BudgetPlan | None:
                       drafting_cost_curve(drafter, backend.model, budgets))
 
 
-def choose_tree_budget(drafter: Drafter, backend: Backend) -> int:
-    """The tree budget maximising expected tokens per second for this drafter on this machine; the drafter's
-    own budget when it has no held-out acceptance curve (lookup, or a drafter saved without curves)."""
-    plan = budget_plan(drafter, backend)
+def choose_tree_budget(drafter: Drafter, backend: Backend, plan: BudgetPlan | None = None) -> int:
+    """The tree budget maximising expected tokens per second for this drafter on this machine (from `plan`, else
+    the one `budget_plan` makes); the drafter's own budget when it has no held-out acceptance curve (lookup, or
+    a drafter saved without curves)."""
+    plan = plan or budget_plan(drafter, backend)
     if plan is None:
         return drafter.tree_budget
     choice = plan.best()
@@ -191,10 +206,7 @@ class AdaptiveBudget(Drafter):
         self._idle_steps = 0
 
     def choose(self, accepted: float, expected: float) -> int:
-        reference = max(self.plan.acceptance.values())
-        scale = (self.prior_steps * reference + accepted) / (self.prior_steps * reference + expected)
-        best = self.plan.best(scale)
-        return best if self.plan.rate(best, scale) > 1.0 / self.plan.cost[min(self.plan.cost)] else 0
+        return self.plan.best_or_none(self.plan.scale(accepted, expected, self.prior_steps))
 
     def propose(self, request: DraftRequest) -> TokenTree:
         if self._last_budget:
@@ -206,4 +218,4 @@ class AdaptiveBudget(Drafter):
             budget = self.probe_budget
         self._last_budget = budget
         self.drafter.tree_budget = budget
-        return self.drafter.propose(request)  # at budget 0 the drafter updates its context and drafts nothing
+        return self.drafter.propose(request)  # at budget 0 the drafter keeps the new context and drafts nothing

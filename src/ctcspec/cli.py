@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from ctcspec import __version__
-from ctcspec.backends import BACKENDS, Backend, make_backend
-from ctcspec.bench.peers import PEERS, PRECISIONS, converter_path, import_llama_cpp, make_peer
+from ctcspec.backends import BACKENDS, Backend, LlamaCppBackend, make_backend
+from ctcspec.bench.peers import PEERS, import_llama_cpp, make_peer
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
-from ctcspec.bench.report import environment, write_outputs
+from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
 from ctcspec.bench.store import BenchStore
 from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
@@ -34,6 +34,7 @@ from ctcspec.decoding import MIN_TEMPERATURE, decoding_for, eos_ids, settings_in
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
+from ctcspec.gguf import PRECISIONS, converter_path, gguf_for
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctcspec.modules import KINDS
 from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
@@ -157,8 +158,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="base-model runtime: static = a lean Llama-family forward on a preallocated cache; hf = the "
-                        "model's own transformers forward (any supported model); auto (default) = static where it "
-                        "applies")
+                        "model's own transformers forward (any supported model); llama.cpp = a GGUF of the model in "
+                        "llama.cpp, converted once (--gguf; needs `make peers`, docs/llama_cpp.md); auto (default) = "
+                        "static where it applies")
+    p.add_argument("--gguf", default="f32", choices=PRECISIONS,
+                   help="weights of the GGUF that llama.cpp runs (the llama.cpp backend and bench's peers), converted "
+                        "from --model once (default: f32, as the model)")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
@@ -341,9 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--peers", type=peer_list, default=[],
                        help=f"comma-separated peer systems run side by side on the same prompt ids and threads, from: "
-                            f"{', '.join(PEERS)}; 'llama.cpp' alone runs both (needs `make peers`, docs/peers.md)")
-    bench.add_argument("--peer-precision", default="f32", choices=PRECISIONS,
-                       help="weights of the peers' GGUF, converted from --model once (default: f32, as the base)")
+                            f"{', '.join(PEERS)}; 'llama.cpp' alone runs both (needs `make peers`, docs/llama_cpp.md)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"),
                        help="output directory: turns.jsonl (every turn, saved question by question), run.json (the "
                             "settings), report.md, report.json, plot.png, answers/<drafter>.jsonl (default: "
@@ -421,13 +424,32 @@ def _load(args) -> LoadedModel:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, device=args.device, dtype=args.dtype, kernels=getattr(args, "kernels", "plain"))
+    kernels = "plain" if uses_llama_cpp(args) else getattr(args, "kernels", "plain")  # torch runs drafters only
+    return load_model(args.model, device=args.device, dtype=args.dtype, kernels=kernels)
+
+
+def uses_llama_cpp(args) -> bool:
+    """Whether llama.cpp runs anything: the base model (--backend llama.cpp) or bench's peers."""
+    return getattr(args, "backend", None) == LlamaCppBackend.name or bool(getattr(args, "peers", None))
+
+
+def check_llama_cpp(args) -> None:
+    """Before loading anything: say what llama.cpp needs and is missing."""
+    if uses_llama_cpp(args):
+        if args.device != "cpu" or args.dtype != "float32":
+            raise CtcspecError("llama.cpp runs on the CPU beside a float32 model: drop --device and --dtype "
+                               "(--gguf picks llama.cpp's weights)")
+        import_llama_cpp()
+        converter_path()
 
 
 def _load_backend(args) -> tuple[LoadedModel, Backend]:
-    """The model, and the --backend that runs it."""
+    """The model, and the --backend that runs it (llama.cpp: on the GGUF of --model at --gguf)."""
+    check_llama_cpp(args)
     loaded = _load(args)
-    return loaded, make_backend(loaded.model, args.backend)
+    if args.backend != LlamaCppBackend.name:
+        return loaded, make_backend(loaded.model, args.backend)
+    return loaded, make_backend(loaded.model, args.backend, gguf_for(loaded.path, args.gguf), loaded.tokenizer)
 
 
 def _read_prompt(args) -> str:
@@ -461,8 +483,9 @@ def drafter_dirs(args) -> dict[str, Path]:
 
 
 def build_drafter(name: str, args, backend: Backend, dirs: dict[str, Path]) -> Drafter:
-    """The named drafter with its tree budget settled: --tree-budget, else chosen for this machine (the
-    budget step), and wrapped in an adaptive budget with --adaptive-budget."""
+    """The named drafter with its tree budget settled: --tree-budget (fixed), else chosen for this machine (the
+    budget step) and priced step by step where the drafter does that (ctc+lookup), or re-chosen every step with
+    --adaptive-budget."""
     kind = MODULE_KIND.get(name)
     if kind is not None and kind not in dirs:
         raise CtcspecError(f"the {name} drafter needs a trained {kind} drafter: pass --drafter-path DIR "
@@ -470,16 +493,16 @@ def build_drafter(name: str, args, backend: Backend, dirs: dict[str, Path]) -> D
     drafter = make_drafter(name, backend.model, dirs.get(kind), transform=args.transform)
     if kind is None:
         return drafter
-    if args.tree_budget is not None:
+    if args.tree_budget is not None and not args.adaptive_budget:
         drafter.tree_budget = args.tree_budget
-    else:
-        drafter.tree_budget = choose_tree_budget(drafter, backend)
-    if args.adaptive_budget:
-        plan = budget_plan(drafter, backend)
-        if plan is None:
+        return drafter
+    plan = budget_plan(drafter, backend)
+    if plan is None:
+        if args.adaptive_budget:
             raise CtcspecError(f"--adaptive-budget needs a {name} drafter whose config.json holds acceptance curves")
-        drafter = AdaptiveBudget(drafter, plan)
-    return drafter
+        return drafter
+    drafter.tree_budget = args.tree_budget or choose_tree_budget(drafter, backend, plan)
+    return AdaptiveBudget(drafter, plan) if args.adaptive_budget else drafter.priced(plan)
 
 
 def default_drafter(args, dirs: dict[str, Path]) -> str:
@@ -547,7 +570,7 @@ def peer_list(text: str) -> list[str]:
 
 def build_peers(args, loaded: LoadedModel) -> dict:
     threads = args.threads or torch.get_num_threads()
-    return {name: make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.peer_precision,
+    return {name: make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.gguf,
                             tokenizer=loaded.tokenizer) for name in args.peers}
 
 
@@ -572,7 +595,7 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "peer_precision": args.peer_precision if args.peers else None, **sampling}
+            "threads": args.threads, "gguf": args.gguf if uses_llama_cpp(args) else None, **sampling}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -581,7 +604,7 @@ def write_bench_outputs(store: BenchStore, meta: dict) -> None:
         return
     report = store.report()
     meta = {**meta, "n_questions": store.n_done, "n_questions_planned": len(store.questions),
-            "complete": store.n_done == len(store.questions)}
+            "complete": store.n_done == len(store.questions), "peak_rss_mb": peak_rss_mb()}
     paths = write_outputs(report, meta, store.out)
     print(format_table(report))
     print()
@@ -601,9 +624,7 @@ def cmd_bench(args) -> int:
     args.questions = resolve_bench(args.questions, args.data_dir)
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     systems = bench_systems(names, include_hf=not args.no_hf, peers=args.peers)
-    if args.peers:  # before loading anything: say what is missing
-        import_llama_cpp()
-        converter_path()
+    check_llama_cpp(args)
     store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings), questions, systems,
                             resume=args.resume)
     loaded, backend = _load_backend(args)
@@ -620,7 +641,7 @@ def cmd_bench(args) -> int:
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()},
             "settings_in_effect": in_effect, "seed": seed,
-            **({"peer_precision": args.peer_precision} if args.peers else {})}
+            **({"gguf": args.gguf} if uses_llama_cpp(args) else {})}
     try:
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
                                        start=store.n_done, seed=seed,

@@ -6,32 +6,21 @@ returns a `PeerResult` measured like the engine measures itself: new tokens (EOS
 base decode calls (prompt evaluation included) and the seconds from the start of prompt evaluation to the last
 token. Both peers are exactly greedy (argmax, no penalties, no sampling).
 
-Setup (`make peers`, see docs/peers.md): llama-cpp-python built from source, and llama.cpp's GGUF converter
-from the same source release copied to `$VENV/share/ctcspec/llama.cpp` (or `$CTCSPEC_GGUF_CONVERTER`).
-Converted GGUF files are cached under `$CTCSPEC_HOME/gguf`.
+Setup: `make peers` (docs/llama_cpp.md); the GGUF comes from ctcspec.gguf.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ctcspec.errors import CtcspecError
-from ctcspec.models import ctcspec_home
+from ctcspec.gguf import check_vocab, gguf_for
+from ctcspec.gguf import import_llama_cpp as _import_llama_cpp
 
-PRECISIONS = ("f32", "f16", "q8_0")
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-_SETUP = "run `make peers` (builds llama-cpp-python from source and installs llama.cpp's GGUF converter)"
-_CONVERTER = "convert_hf_to_gguf.py"
 _GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,82 +34,14 @@ class PeerResult:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
 
 
-# --- setup: the converter, llama_cpp, the GGUF cache ---
-
-def converter_path() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py as `make peers` installs it (next to its `conversion` and `gguf-py`)."""
-    override = os.environ.get("CTCSPEC_GGUF_CONVERTER")
-    path = Path(override) if override else Path(sys.prefix) / "share" / "ctcspec" / "llama.cpp" / _CONVERTER
-    if not path.is_file():
-        raise CtcspecError(f"llama.cpp's GGUF converter is not installed (no {path}); {_SETUP}")
-    return path
-
-
 def import_llama_cpp():
-    """The llama_cpp module, or a CtcspecError saying how to install it."""
+    """The llama_cpp module with its speculative-decoding helpers (the lookup peer's drafter)."""
+    llama_cpp = _import_llama_cpp()
     try:
-        import llama_cpp
-        import llama_cpp.llama_speculative  # noqa: F401  (the lookup peer's drafter)
+        import llama_cpp.llama_speculative  # noqa: F401
     except ImportError as exc:
-        raise CtcspecError(f"the llama.cpp peers need llama-cpp-python ({exc}); {_SETUP}") from None
+        raise CtcspecError(f"the llama.cpp peers need llama_cpp.llama_speculative ({exc})") from None
     return llama_cpp
-
-
-def _model_key(model_dir: Path) -> str:
-    """Changes when the model directory or any file in it changes (path, name, size, mtime)."""
-    digest = hashlib.sha256(str(model_dir.resolve()).encode())
-    for item in sorted(model_dir.resolve().iterdir()):
-        if item.is_file():
-            stat = item.stat()
-            digest.update(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:12]
-
-
-def gguf_path(model_dir: Path, precision: str) -> Path:
-    """Where the GGUF of `model_dir` at `precision` is cached (it may not exist yet)."""
-    model_dir = Path(model_dir)
-    return ctcspec_home() / "gguf" / f"{model_dir.resolve().name}-{_model_key(model_dir)}.{precision}.gguf"
-
-
-def gguf_for(model_dir: str | Path, precision: str = "f32") -> Path:
-    """A GGUF of the HF model in `model_dir` at `precision` (f32, f16 or q8_0), converted once by llama.cpp's
-    converter and cached; a cached file is complete (written under a temporary name, then renamed)."""
-    if precision not in PRECISIONS:
-        raise CtcspecError(f"unknown GGUF precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    model_dir = Path(model_dir)
-    target = gguf_path(model_dir, precision)
-    if target.is_file():
-        return target
-    converter = converter_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    log.info("converting %s to GGUF %s once: %s", model_dir, precision, target)
-    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the converter's own gguf-py
-    command = [sys.executable, str(converter), str(model_dir), "--outtype", precision, "--outfile", str(partial)]
-    try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise CtcspecError(f"llama.cpp's converter failed on {model_dir} ({precision}): {last}")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
-
-
-def check_vocab(llm, tokenizer) -> None:
-    """Raise CtcspecError unless every id of the HF `tokenizer` names the same piece in the GGUF model `llm`
-    (peers get HF ids, so this is what makes their outputs comparable)."""
-    llama_cpp = import_llama_cpp()
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    n_vocab = llm.n_vocab()
-    hf_pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    if len(hf_pieces) > n_vocab:
-        raise CtcspecError(f"the GGUF has {n_vocab} tokens, the HF tokenizer {len(hf_pieces)}")
-    for token_id, piece in enumerate(hf_pieces):
-        gguf_piece = llama_cpp.llama_vocab_get_text(vocab, token_id).decode("utf-8", errors="replace")
-        if gguf_piece != piece:
-            raise CtcspecError(f"token id {token_id} is {piece!r} in the HF tokenizer but {gguf_piece!r} in the GGUF")
 
 
 # --- the peers ---
@@ -218,7 +139,7 @@ class LlamaCppLookupPeer(LlamaCppPeer):
     `num_pred_tokens`; the base model checks it in one decode call and greedy sampling keeps the agreeing prefix.
     Every kept token is the base model's argmax at its position, computed in a multi-token decode call: equal to
     plain greedy wherever batched and single-token kernels agree (f32, f16 in our checks; not q8_0, see
-    docs/peers.md). `num_pred_tokens` defaults to 2, llama-cpp-python's advice for CPU-only machines (its library
+    docs/llama_cpp.md). `num_pred_tokens` defaults to 2, llama-cpp-python's advice for CPU-only machines (its library
     default, 10, is for GPUs and was slower here)."""
 
     name = "llama.cpp-lookup"
@@ -248,5 +169,5 @@ def make_peer(name: str, model_dir: str | Path, threads: int, eos_ids: Iterable[
     import_llama_cpp()  # say what is missing before converting anything
     peer = PEER_CLASSES[name](gguf_for(model_dir, precision), threads, eos_ids, precision)
     if tokenizer is not None:
-        check_vocab(peer._llm, tokenizer)
+        check_vocab(peer._llm.model, tokenizer)
     return peer

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,13 @@ def environment() -> dict:
     """What made the numbers, for a report's meta: code commit, library versions, CPU and torch threads."""
     return {"commit": code_commit(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "cpu_model": cpu_model(), "threads": torch.get_num_threads()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (every system a bench runs shares the process: the
+    torch model, packed weights where used, llama.cpp's mapped GGUF pages)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
 
 
 def answer_records(report: dict, model_id: str) -> dict[str, list[dict]]:

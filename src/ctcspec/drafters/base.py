@@ -39,6 +39,12 @@ class Drafter(ABC):
     def propose(self, request: DraftRequest) -> TokenTree:
         """Return draft tokens continuing request.tokens (parent -1 = after the root)."""
 
+    def priced(self, plan) -> Drafter:
+        """This drafter, sizing its trees step by step with `plan` (budget.BudgetPlan: this machine's verification
+        cost curve, the held-out acceptance and drafting time per budget) where it can; most drafters draft at
+        their fixed `tree_budget` and return themselves unchanged."""
+        return self
+
     def settings(self) -> dict:
         """The options that shape this drafter's trees, for reports."""
         return {} if self.tree_budget is None else {"tree_budget": self.tree_budget}

@@ -42,6 +42,7 @@ class CTCDrafter(Drafter):
 
     def reset(self) -> None:
         self._cache: ContextCache | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden, next tokens) not in the cache yet
 
     def settings(self) -> dict:
         return {"tree_budget": self.tree_budget, "transform": self.transform, "top_k": self.top_k,
@@ -52,14 +53,16 @@ class CTCDrafter(Drafter):
         if request.new_hidden is None:
             raise CtcspecError("the CTC drafter needs the base model's hidden states")
         device = self.module.embed_weight.device
-        hidden = request.new_hidden.to(device)
-        new = hidden.shape[0]
-        start = len(request.tokens) - 1 - new  # position of the first newly accepted state
-        next_tokens = request.tokens[-new:].to(device)
+        new = request.new_hidden.shape[0]
+        self._pending.append((request.new_hidden.to(device), request.tokens[-new:].to(device)))
+        if self.tree_budget < 1:  # nothing to draft: the context takes in these states with the next draft
+            return TokenTree()
+        hidden = torch.cat([h for h, _ in self._pending])
+        next_tokens = torch.cat([t for _, t in self._pending])
+        self._pending = []
+        start = len(request.tokens) - 1 - hidden.shape[0]  # position of the first state not yet in the context
         units = self.module.context_units(hidden[None], next_tokens[None])
         self._cache = self.module.extend(self._cache, units, start)  # a new cache; the old one is not touched
-        if self.tree_budget < 1:
-            return TokenTree()
         log_probs = self.module.draft_log_probs(self._cache, units[:, -1]).cpu()
         nodes = self.module.slot_nodes(log_probs, self.tree_budget, self.transform, request.max_depth,
                                        self.top_k, self.beam_width)

@@ -46,6 +46,10 @@ class LookupDrafter(Drafter):
         return ((self._accepted[ngram] + self.prior_accept * self.prior_weight)
                 / (self._proposed[ngram] + self.prior_weight))
 
+    def expected_accept_of_last(self) -> float:
+        """What the last proposed tree is expected to keep (0 when it was empty)."""
+        return 0.0 if self._last_ngram is None else self.expected_accept(self._last_ngram)
+
     def propose(self, request: DraftRequest) -> TokenTree:
         if self._last_ngram is not None:  # the engine reports how much of our last tree was kept
             self._accepted[self._last_ngram] += request.accepted
