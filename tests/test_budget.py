@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from ctc_helpers import tiny_ctc_drafter
 
+from conftest import tiny_model
 from ctcspec.budget import BudgetPlan, interpolate_cost
+from ctcspec.drafters.hybrid import CTCLookupDrafter
+from ctcspec.drafters.lookup import LookupDrafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.tree import TokenTree
 
 
 def test_interpolation_between_and_beyond_measured_sizes():
@@ -44,19 +50,19 @@ def test_merged_tree_prices_the_other_drafters_nodes():
     assert flat.scale(accepted=0.0, expected=6.0, prior_steps=4.0) == pytest.approx(6.0 / 12.0)
 
 
+class NoMatches(LookupDrafter):
+    """Lookup that never finds a match: the priced budget then rests on the CTC part's own record."""
+
+    def propose(self, request):
+        return TokenTree()
+
+
 def test_priced_ctc_lookup_stops_drafting_ctc_nodes_that_are_not_kept():
     """A random (untrained) CTC module is nearly never right: under a steep cost curve its budget drops to 0
-    after a few steps, but for a probe every 8th step; lookup's copies still go out."""
-    from ctc_helpers import tiny_ctc_drafter
-
-    from conftest import tiny_model
-    from ctcspec.drafters.hybrid import CTCLookupDrafter
-    from ctcspec.drafters.lookup import LookupDrafter
-    from ctcspec.engine import SpeculativeEngine
-
+    after a few steps (the held-out curve rescaled by what it kept), but for a probe every 8th step."""
     model = tiny_model("llama")
     plan = BudgetPlan({2: 0.8, 4: 1.2}, {1: 1.0, 3: 1.2, 5: 1.4, 16: 3.0}, {2: 0.0, 4: 0.0})
-    hybrid = CTCLookupDrafter(tiny_ctc_drafter(model, seed=3, tree_budget=4), LookupDrafter(min_ngram=1)).priced(plan)
+    hybrid = CTCLookupDrafter(tiny_ctc_drafter(model, seed=3, tree_budget=4), NoMatches()).priced(plan)
     budgets = []
     propose = hybrid.ctc.propose
 
@@ -65,7 +71,8 @@ def test_priced_ctc_lookup_stops_drafting_ctc_nodes_that_are_not_kept():
         return propose(request)
 
     hybrid.ctc.propose = record
-    SpeculativeEngine(model, hybrid).generate([5, 6, 7, 8] * 6, 80)
-    assert budgets[0] > 0                          # the held-out curve says CTC pays, at first
+    result = SpeculativeEngine(model, hybrid).generate([5, 6, 7, 8, 9, 10, 11], 80)
+    assert budgets[0] == 4                         # the held-out curve says CTC pays, at first
     late = budgets[len(budgets) // 2:]
     assert sum(b > 0 for b in late) <= len(late) // 8 + 1  # then only the probes draft
+    assert result.stats.beta < 1.2                 # (it really was rejected)

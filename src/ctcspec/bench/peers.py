@@ -17,10 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctcspec.errors import CtcspecError
-from ctcspec.gguf import check_vocab, gguf_for
-from ctcspec.gguf import import_llama_cpp as _import_llama_cpp
-
-_GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache
+from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, gguf_for, import_llama_cpp
 
 
 @dataclass
@@ -34,9 +31,9 @@ class PeerResult:
         return len(self.tokens) / self.seconds if self.seconds else 0.0
 
 
-def import_llama_cpp():
+def import_llama_speculative():
     """The llama_cpp module with its speculative-decoding helpers (the lookup peer's drafter)."""
-    llama_cpp = _import_llama_cpp()
+    llama_cpp = import_llama_cpp()
     try:
         import llama_cpp.llama_speculative  # noqa: F401
     except ImportError as exc:
@@ -45,14 +42,6 @@ def import_llama_cpp():
 
 
 # --- the peers ---
-
-def _context_size(needed: int, limit: int) -> int:
-    """The smallest power of two >= `needed` (at least 512), capped at the model's trained context."""
-    size = 512
-    while size < needed:
-        size *= 2
-    return min(size, limit)
-
 
 class LlamaCppPeer:
     """llama.cpp plain greedy decoding: prompt evaluation, then one decode call per token, argmax sampler.
@@ -69,7 +58,7 @@ class LlamaCppPeer:
         self.threads = int(threads)
         self.eos = frozenset(int(t) for t in eos_ids)
         self.precision = precision
-        self._llama_cpp = import_llama_cpp()
+        self._llama_cpp = import_llama_speculative()
         self._llm = None
         self._decodes = 0
         self.max_context = int(self._llama_cpp.llama_model_n_ctx_train(self._load(512).model))
@@ -79,7 +68,7 @@ class LlamaCppPeer:
 
     def _load(self, n_ctx: int):
         """(Re)build the llama.cpp model and context with `n_ctx` positions; decode calls are counted."""
-        kv_type = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if self.precision == "f32" else {}
+        kv_type = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if self.precision == "f32" else {}
         self.close()  # free the old context first
         try:
             llm = self._llama_cpp.Llama(
@@ -106,7 +95,7 @@ class LlamaCppPeer:
 
     def _context_for(self, needed: int):
         if self._llm is None or self._llm.n_ctx() < needed:
-            self._load(_context_size(needed, self.max_context))
+            self._load(context_size(needed, self.max_context))
         return self._llm
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> PeerResult:
@@ -166,7 +155,7 @@ def make_peer(name: str, model_dir: str | Path, threads: int, eos_ids: Iterable[
     With `tokenizer` (the HF tokenizer of `model_dir`), its ids are checked against the GGUF's first."""
     if name not in PEER_CLASSES:
         raise CtcspecError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    import_llama_cpp()  # say what is missing before converting anything
+    import_llama_speculative()  # say what is missing before converting anything
     peer = PEER_CLASSES[name](gguf_for(model_dir, precision), threads, eos_ids, precision)
     if tokenizer is not None:
         check_vocab(peer._llm.model, tokenizer)

@@ -49,7 +49,10 @@ class CTCLookupDrafter(Drafter):
         return self.ctc.acceptance_curve
 
     def settings(self) -> dict:
-        return {**self.ctc.settings(), **{f"lookup_{k}": v for k, v in self.lookup.settings().items()}}
+        """The CTC drafter's and lookup's settings; `priced`: the CTC budget is re-chosen every step (tree_budget is
+        then the budget chosen before the first step)."""
+        return {**self.ctc.settings(), **{f"lookup_{k}": v for k, v in self.lookup.settings().items()},
+                "priced": self.plan is not None}
 
     def reset(self) -> None:
         self.ctc.reset()
