@@ -31,7 +31,6 @@ GGML_TYPE_F32 = 0  # ggml_type of an F32 KV cache
 _MIN_CONTEXT = 512
 
 
-@functools.cache
 def import_llama_cpp():
     """The llama_cpp module, its backend initialised once and its log silenced below errors, or a CtcspecError
     saying how to install it."""
@@ -41,8 +40,14 @@ def import_llama_cpp():
     except ImportError as exc:
         raise CtcspecError(f"llama.cpp needs llama-cpp-python ({exc}); {SETUP}") from None
     set_verbose(False)
-    llama_cpp.llama_backend_init()
+    _initialise(llama_cpp)
     return llama_cpp
+
+
+@functools.cache
+def _initialise(llama_cpp) -> None:
+    """llama.cpp's one-time global set-up, as llama-cpp-python's own `Llama` does it."""
+    llama_cpp.llama_backend_init()
 
 
 def context_size(needed: int, limit: int) -> int:
