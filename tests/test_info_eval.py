@@ -13,9 +13,9 @@ from ctc_helpers import tiny_heads_module, tiny_module, write_distilled
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import run_cli
 from ctcspec.backends import make_backend
 from ctcspec.budget import COST_SIZES, BudgetPlan, cost_cache_path, expected_rate
-from ctcspec.cli import main
 from ctcspec.models import load_model
 from ctcspec.modules.files import describe_base, load_drafter_module, read_config, save_drafter
 from ctcspec.training.compare import ablation_rows, heldout_samples, predict, read_ablations
@@ -25,12 +25,6 @@ from ctcspec.training.evaluate import acceptance_curve
 SHIPPED = Path(__file__).resolve().parent.parent / "src/ctcspec/data/drafters"
 ABLATIONS = Path(__file__).resolve().parent.parent / "docs/ablations"
 COST = {q: 0.01 * (1 + q / 8) for q in COST_SIZES}  # seconds of a q-node verification forward
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def tiny_setup(tiny_model_dir, tmp_path_factory):
 def test_info_on_the_shipped_drafters(capsys, kind):
     path = SHIPPED / f"smollm2-135m-instruct-{kind}"
     config = json.loads((path / "config.json").read_text())
-    code, out, err = run(capsys, "info", path, "--json")
+    code, out, err = run_cli(capsys, "info", path, "--json")
     assert code == 0, err
     info = json.loads(out)
     assert info["kind"] == kind and info["base"] == config["base"] and info["draft_vocab_size"] == 8192
@@ -61,14 +55,14 @@ def test_info_on_the_shipped_drafters(capsys, kind):
     assert info["size_bytes"] == sum((path / f).stat().st_size for f in ("config.json", "model.safetensors"))
     assert info["training"]["steps"] == config["training"]["steps"] and info["training"]["data"]
     assert set(info["acceptance_curve"]) == set(config["acceptance_curve"])
-    code, out, _ = run(capsys, "info", path)
+    code, out, _ = run_cli(capsys, "info", path)
     assert code == 0 and f"{info['parameters']:,} (bf16)" in out and "| tree budget |" in out
     assert "LM head sha256 " + config["base"]["lm_head_sha256"] in out
 
 
 def test_info_data_coverage_of_the_draft_vocabulary(capsys, tiny_setup):
     _, root = tiny_setup
-    code, out, err = run(capsys, "info", root / "ctc", "--data", root / "data", "--json")
+    code, out, err = run_cli(capsys, "info", root / "ctc", "--data", root / "data", "--json")
     assert code == 0, err
     info = json.loads(out)
     vocab = set(load_file(str(root / "ctc" / "model.safetensors"))["vocab_ids"].tolist())
@@ -78,7 +72,7 @@ def test_info_data_coverage_of_the_draft_vocabulary(capsys, tiny_setup):
     assert coverage["prompts"] == 60 and coverage["heldout"]["answers"] == 2 and coverage["train"]["answers"] == 58
     assert coverage["heldout"]["covered"] == pytest.approx(sum(t in vocab for t in heldout) / len(heldout))
     assert info["training"] == {"steps": 5} and info["weights_dtype"] == ["F32"]
-    code, out, _ = run(capsys, "info", root / "ctc", "--data", root / "data")
+    code, out, _ = run_cli(capsys, "info", root / "ctc", "--data", root / "data")
     assert code == 0 and "60 distinct prompts" in out and "held-out: 2 answers" in out
     assert "held-out acceptance: none saved" in out
 
@@ -111,7 +105,7 @@ def _broken(directory: Path, how: str) -> Path:
                                  "no vocab_ids", "vocabulary mismatch", "bad curves"])
 def test_info_on_a_broken_drafter_is_one_line(capsys, tmp_path, how):
     path = tmp_path / "missing" if how == "missing" else _broken(tmp_path / "d", how)
-    code, out, err = run(capsys, "info", path)
+    code, out, err = run_cli(capsys, "info", path)
     assert code == 2 and out == ""
     assert err.startswith("ctcspec: error: ") and err.count("\n") == 1, err
 
@@ -119,9 +113,9 @@ def test_info_on_a_broken_drafter_is_one_line(capsys, tmp_path, how):
 def test_eval_measures_each_drafter_on_the_training_heldout_split(capsys, tmp_path, tiny_model_dir, tiny_setup):
     model, root = tiny_setup
     out_json = tmp_path / "eval.json"
-    code, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", "--data", root / "data",
-                         "--drafter-path", root / "ctc", "--drafter-path", root / "medusa", "--transforms", "beam,none",
-                         "--budgets", "4,1,2", "--samples", 2, "--anchors", 8, "--json", out_json)
+    code, out, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", "--data", root / "data",
+                             "--drafter-path", root / "ctc", "--drafter-path", root / "medusa", "--transforms",
+                             "beam,none", "--budgets", "4,1,2", "--samples", 2, "--anchors", 8, "--json", out_json)
     assert code == 0, err
     record = json.loads(out_json.read_text())
     rows = {row["label"]: row for row in record["rows"]}
@@ -169,8 +163,8 @@ def test_eval_ablations_prices_saved_curves_with_a_ctc_drafter(capsys, tmp_path,
     (tmp_path / "round1.json").write_text(json.dumps({k: saved[k] for k in ("n6k4", "n8k6")}))
     shutil.copy(ABLATIONS / "round1_default_config.json", tmp_path / "default_config.json")
     out_json = tmp_path / "out.json"
-    code, out, err = run(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", "--ablations", tmp_path,
-                         "--drafter-path", root / "ctc", "--budgets", "1,4,16", "--json", out_json)
+    code, out, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", "--ablations", tmp_path,
+                             "--drafter-path", root / "ctc", "--budgets", "1,4,16", "--json", out_json)
     assert code == 0, err
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["label"] for r in rows] == ["n8k6 (beam)", "n8k6 (topk)", "n6k4 (beam)", "n6k4 (topk)",
@@ -194,5 +188,5 @@ def test_eval_user_errors_are_one_line(capsys, tmp_path, tiny_model_dir, tiny_se
     argv = [{"NOWHERE": tmp_path / "nowhere", "CTC": root / "ctc", "MEDUSA": root / "medusa"}.get(a, a) for a in argv]
     if "--data" not in argv and "--ablations" not in argv:
         argv += ["--data", root / "data"]
-    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", *argv)
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--kernels", "plain", *argv)
     assert code == 2 and message in err and err.count("\n") == 1, err

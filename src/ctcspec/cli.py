@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -36,12 +37,11 @@ from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name,
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.gguf import PRECISIONS, converter_path, gguf_for, import_llama_cpp
-from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model
+from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model, parse_dtype
 from ctcspec.modules import KINDS
 from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
 from ctcspec.prompts import encode, require_prompt
 from ctcspec.search import TRANSFORMS
-from ctcspec.server.app import check_address, create_app, run_server
 from ctcspec.server.metrics import ServerMetrics
 from ctcspec.server.service import GenerationService
 from ctcspec.text import ReleasedText, decode
@@ -54,7 +54,17 @@ from ctcspec.training.compare import (
     read_ablations,
     vocabulary_coverage,
 )
-from ctcspec.training.distill import distill, read_prompt_file, self_instruct, templated_prompts
+from ctcspec.training.distill import (
+    STYLED_COUNT,
+    distill,
+    float32_agreement,
+    read_prompt_file,
+    read_samples,
+    round_slice,
+    self_instruct,
+    styled_prompts,
+    templated_prompts,
+)
 from ctcspec.training.train import TrainConfig, summary_json, train
 
 
@@ -65,13 +75,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
+def whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
 
 
@@ -90,10 +111,7 @@ def bounded_float(accepts: Callable[[float], bool], expected: str) -> Callable[[
 
 def seed_int(text: str) -> int:
     """An argparse type: a seed torch accepts, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
     return value
@@ -366,7 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also ask the base model to write this many diverse user requests and answer them")
     distill.add_argument("--templated", action="store_true",
                          help="also answer the built-in topic x task request templates (6360 prompts)")
+    distill.add_argument("--styled", action="store_true",
+                         help="also answer the styled requests: the templates and code tasks x topics x answer styles "
+                              f"({STYLED_COUNT} prompts, none of them a --templated one; for --round)")
     distill.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts of each file")
+    distill.add_argument("--round", type=non_negative_int, default=None, metavar="R",
+                         help="training round R: take prompts [R*M, (R+1)*M) of each source (files, --templated, "
+                              "--styled) in a fixed shuffled order (M = --round-size), so rounds never repeat a "
+                              "prompt; --self-instruct is seeded with R unless --seed is given")
+    distill.add_argument("--round-size", type=positive_int, default=None, metavar="M",
+                         help="prompts per source per round (with --round)")
+    distill.add_argument("--seed", type=seed_int, default=None,
+                         help="seed of the --self-instruct requests (default: --round, else 0)")
+    distill.add_argument("--time-limit-s", type=bounded_float(lambda v: v > 0, "positive"), default=None,
+                         help="start no new batch after this many seconds from the command's start (what is "
+                              "answered is kept; run again to answer the rest)")
+    distill.add_argument("--check-float32", type=non_negative_int, default=0, metavar="N",
+                         help="with --dtype bfloat16/float16: answer the first N answers of DIR again in float32 and "
+                              "report how far they agree (default: 0, no check)")
     distill.add_argument("--max-new-tokens", type=positive_int, default=256)
     distill.add_argument("--batch-size", type=positive_int, default=16)
     distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
@@ -380,14 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="drafter directory to write")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     defaults = TrainConfig()
+    explained = {"init_from": "a saved drafter DIR of this --kind to continue training from (a warm start: it keeps "
+                              "that drafter's weights and draft vocabulary; the architecture options must match it)",
+                 "layer_init": "ctc: random, or base = start the draft layer as the base model's last decoder "
+                               "layer (Llama-family bases)",
+                 "hidden_cache": "a directory caching the base model's hidden states of the data (fp16), shared by "
+                                 "several trainings on the same data"}
     for name, kind in (("kind", str), ("num_slots", int), ("target_tokens", int), ("intermediate_size", int),
-                       ("slot_attention", str), ("loss", str), ("draft_vocab", int), ("max_train_samples", int),
-                       ("hidden_cache", str), ("steps", int), ("epochs", float), ("batch_size", int),
-                       ("anchors_per_sequence", int), ("max_length", int), ("lr", float), ("eval_every", int),
-                       ("final_eval_samples", int),
-                       ("checkpoint_every", int), ("seed", int), ("time_limit_s", float)):
-        train.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                           help=f"(default: {getattr(defaults, name)})")
+                       ("slot_attention", str), ("loss", str), ("layer_init", str), ("draft_vocab", int),
+                       ("max_train_samples", int), ("hidden_cache", str), ("init_from", str), ("steps", int),
+                       ("epochs", float),
+                       ("batch_size", int), ("anchors_per_sequence", int), ("max_length", int), ("lr", float),
+                       ("eval_every", int), ("final_eval_samples", int), ("checkpoint_every", int), ("seed", int),
+                       ("time_limit_s", float)):
+        default = getattr(defaults, name)
+        shown = default if default != "" else "none"
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                           help=f"{explained.get(name, '')} (default: {shown})".strip())
 
     report = sub.add_parser("report", help="print the tables of a saved bench report",
                             description="Print the summary and per-category tables of a JSON report written by bench.")
@@ -667,20 +711,42 @@ def cmd_bench(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    if not args.prompts and args.self_instruct <= 0 and not args.templated:
-        raise CtcspecError("give --prompts FILE [FILE ...], --templated and/or --self-instruct N")
+    deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+    if not args.prompts and args.self_instruct <= 0 and not args.templated and not args.styled:
+        raise CtcspecError("give --prompts FILE [FILE ...], --templated, --styled and/or --self-instruct N")
+    if (args.round is None) != (args.round_size is None):
+        raise CtcspecError("--round and --round-size go together")
+    if args.round is not None and args.limit is not None:
+        raise CtcspecError("--limit and --round both choose prompts: give one")
+    sources = [(str(path), read_prompt_file(path)) for path in args.prompts]
+    sources += [("--templated", templated_prompts())] if args.templated else []
+    sources += [("--styled", styled_prompts())] if args.styled else []
+    if args.check_float32 and parse_dtype(args.dtype) == torch.float32:
+        raise CtcspecError("--check-float32 compares a lower precision with float32: give --dtype bfloat16 or float16")
     prompts = []
-    for path in args.prompts:
-        prompts += read_prompt_file(path)[: args.limit]
-    if args.templated:
-        prompts += templated_prompts()[: args.limit]
+    for what, group in sources:
+        chosen = group[:args.limit] if args.round is None else round_slice(group, args.round, args.round_size)
+        if not chosen:
+            logging.getLogger("ctcspec").warning("--round %d: earlier rounds of --round-size %d used all %d prompts "
+                                                 "of %s; it adds none", args.round, args.round_size, len(group), what)
+        prompts += chosen
+    if not prompts and args.self_instruct <= 0:
+        raise CtcspecError("no prompts left to answer: every source is used up by earlier rounds")
     loaded = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.self_instruct > 0:
+        seed = args.seed if args.seed is not None else args.round or 0
         prompts += self_instruct(loaded.model, loaded.tokenizer, args.self_instruct, args.out,
-                                 batch_size=max(args.batch_size, 8))
-    path = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size)
-    print(f"distilled {len(prompts)} prompts into {path}", file=sys.stderr)
+                                 batch_size=max(args.batch_size, 8), seed=seed, deadline=deadline)
+    stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
+                    deadline=deadline)
+    if args.check_float32:
+        checked = read_samples(args.out)[:args.check_float32]
+        stats["float32_check"] = float32_agreement(loaded.model, loaded.tokenizer, checked, args.max_new_tokens,
+                                                   args.batch_size)
+    print(json.dumps(stats))
+    print(f"distilled {len(prompts)} prompts into {stats['path']} ({stats['answered']} answered now, "
+          f"{stats['tokens_per_s']} answer tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -869,6 +935,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    # The serving stack (FastAPI, uvicorn) loads for `serve` alone, so distill, train and eval run where torch,
+    # transformers and accelerate are all there is (a GPU training machine: scripts/gpu_round.sh).
+    from ctcspec.server.app import check_address, create_app, run_server
+
     check_address(args.host, args.port)  # before the model loads: fail fast
     loaded, engine = build_engine(args)
     service = GenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())

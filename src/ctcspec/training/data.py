@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +65,19 @@ def pad_batch(samples: list[dict], max_length: int, device) -> tuple[torch.Tenso
     return tokens.to(device), lengths.to(device), prompt_lens.to(device)
 
 
+def anchor_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The random source of one sample's anchors at one training step: the same whichever process,
+    batch position or share of the batch the sample lands in."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_000_007 + index) % (1 << 63))
+
+
 def choose_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, count: int,
-                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Anchors t in [prompt_len - 1, length - 3] (root and at least one target inside the sequence).
-    Returns anchors (batch, count) and a validity mask; count=0 takes every valid position."""
+                   generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors t in [prompt_len - 1, length - 3] (root and at least one target inside the sequence), drawn
+    with one generator per row. Returns anchors (batch, count) and a validity mask; count=0 takes every
+    valid position."""
     rows = []
-    for length, prompt_len in zip(lengths.tolist(), prompt_lens.tolist(), strict=True):
+    for length, prompt_len, generator in zip(lengths.tolist(), prompt_lens.tolist(), generators, strict=True):
         positions = list(range(max(prompt_len - 1, 0), length - 2))
         if count and len(positions) > count:
             picks = torch.randperm(len(positions), generator=generator)[:count].tolist()

@@ -12,8 +12,10 @@ write diverse user requests. Evaluation sets (MT-bench, Vicuna-bench, GSM8K test
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,9 +118,51 @@ TEMPLATES = (
 )
 
 
+CODE_TEMPLATES = (
+    "Complete this Python function and explain each line:\n\ndef summarize_{slug}(items):\n    \"\"\"Return a short "
+    "summary of a list of {topic} records.\"\"\"\n",
+    "Write a Python class that models {topic}, with two methods and a short usage example.",
+    "Write unit tests with pytest for a function that validates data about {topic}.",
+    "Refactor this code to be clearer and explain what you changed:\n\nx = [d for d in data if d['kind'] == "
+    "'{topic}']\nfor i in range(len(x)):\n    print(x[i]['name'], x[i]['value'] * 2)",
+    "Write a shell command pipeline that counts the lines mentioning {topic} in every .txt file of a folder.",
+    "Explain the time complexity of searching a sorted list of {topic} facts, with Python code.",
+    "Write a TypeScript interface and a function for a small app about {topic}.",
+    "I get a KeyError in my Python script that processes {topic} data. What are the likely causes and fixes?",
+)
+STYLES = (  # one is appended to each styled request, so none repeats a plain templated request
+    "Keep it under 120 words.", "Use a numbered list.", "Use a friendly, casual tone.", "Write for an expert.",
+    "Include one concrete example.", "Start with a one-sentence summary.", "End with a question for me.",
+    "Use a table where it helps.", "Be concise.", "Explain your reasoning step by step.",
+    "Use simple words.", "Add a short code snippet if it helps.",
+)
+
+
+STYLED_COUNT = (len(TEMPLATES) + len(CODE_TEMPLATES)) * len(TOPICS) * len(STYLES)
+
+
 def templated_prompts() -> list[Prompt]:
     """Every TEMPLATES x TOPICS request: broad coverage of writing, role-play, reasoning, coding, STEM."""
     return [Prompt("templated", t.format(topic=topic)) for t in TEMPLATES for topic in TOPICS]
+
+
+def styled_prompts() -> list[Prompt]:
+    """Every (TEMPLATES + CODE_TEMPLATES) x TOPICS x STYLES request, leaning toward chat and code: a pool for
+    successive training rounds (--round) that holds none of the plain templated requests."""
+    return [Prompt("styled", f"{t.format(topic=topic, slug=_slug(topic))}\n\n{style}")
+            for t in TEMPLATES + CODE_TEMPLATES for topic in TOPICS for style in STYLES]
+
+
+def _slug(topic: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in topic.lower()).strip("_")
+
+
+def round_slice(prompts: list[Prompt], round_index: int, size: int) -> list[Prompt]:
+    """Prompts [round_index * size, (round_index + 1) * size) of `prompts` in a fixed shuffled order: rounds of
+    one size answer different prompts of each source and never one twice; empty once earlier rounds used all."""
+    order = list(prompts)
+    random.Random(0).shuffle(order)
+    return order[round_index * size:(round_index + 1) * size]
 
 
 @dataclass(frozen=True)
@@ -190,6 +234,16 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     return answers
 
 
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def stop_and_pad_ids(model, tokenizer) -> tuple[list[int], int]:
+    """The model's end-of-sequence ids (answers are cut after the first) and the id that pads a batch."""
+    eos = sorted(eos_ids(model.generation_config))
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+
+
 def _clean_instruction(text: str) -> str | None:
     text = text.strip().strip('"').strip()
     for prefix in ("Request:", "Question:", "User:", "Task:"):
@@ -214,17 +268,17 @@ def _read_instructions(path: Path) -> list[str]:
 
 
 def self_instruct(model, tokenizer, count: int, out_dir: Path, batch_size: int = 64, seed: int = 0,
-                  progress: bool = True) -> list[Prompt]:
-    """Ask the base model for `count` diverse user requests (sampled), cached in DIR/self_instruct.jsonl."""
+                  progress: bool = True, deadline: float | None = None) -> list[Prompt]:
+    """Ask the base model for `count` diverse user requests (sampled), cached in DIR/self_instruct.jsonl;
+    no batch starts after `deadline` (time.monotonic())."""
     path = Path(out_dir) / INSTRUCTIONS_FILE
     have = _read_instructions(path)
     rng = random.Random(seed + len(have))
-    eos = sorted(eos_ids(model.generation_config))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    eos, pad_id = stop_and_pad_ids(model, tokenizer)
     bar = tqdm(total=count, initial=min(len(have), count), desc="self-instruct", unit="prompt", disable=not progress)
     seen = set(have)
     attempts = 0
-    while len(have) < count and attempts < 4 * count:
+    while len(have) < count and attempts < 4 * count and not _past(deadline):
         metas = [EXAMPLES_PROMPT.format(task=rng.choice(TASKS), topic=rng.choice(TOPICS)) for _ in range(batch_size)]
         ids = [encode_chat(tokenizer, [{"role": "user", "content": m}]) for m in metas]
         outputs = generate_batch(model, ids, 96, eos, pad_id, sample=True, seed=seed + attempts)
@@ -269,8 +323,11 @@ def _drop_partial_last_line(path: Path) -> None:
 
 
 def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
-            batch_size: int = 16, progress: bool = True) -> Path:
-    """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped."""
+            batch_size: int = 16, progress: bool = True, deadline: float | None = None) -> dict:
+    """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped, and no batch
+    starts after `deadline` (time.monotonic(); a later run answers the rest). Batches hold prompts of similar
+    lengths, in a shuffled order, so a deadline does not leave out only the longest. Returns what this call
+    answered: prompts, answer tokens, seconds and answer tokens per second."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = describe_base(model)
@@ -284,26 +341,67 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
             raise CtcspecError(f"{meta_path} is corrupt; use a new --out")
         if old["base"].get("lm_head_sha256") != base["lm_head_sha256"]:
             raise CtcspecError(f"{str(out_dir)!r} holds data distilled from another base model; use a new --out")
-    meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
-                                    indent=2) + "\n")
     samples_path = out_dir / SAMPLES_FILE
     if samples_path.exists():
         _drop_partial_last_line(samples_path)
-    done = {s["index"] for s in read_samples(out_dir)} if samples_path.exists() else set()
-    eos = sorted(eos_ids(model.generation_config))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    todo = [(i, encode_chat(tokenizer, [{"role": "user", "content": p.text}])) for i, p in enumerate(prompts)
-            if i not in done]
+    encoded = [encode_chat(tokenizer, [{"role": "user", "content": p.text}]) for p in prompts]
+    done = _answered(read_samples(out_dir), encoded, out_dir) if samples_path.exists() else set()
+    meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
+                                    indent=2) + "\n")
+    eos, pad_id = stop_and_pad_ids(model, tokenizer)
+    todo = [(i, ids) for i, ids in enumerate(encoded) if i not in done]
     todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    random.Random(len(prompts)).shuffle(batches)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt",
                disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    started, answer_tokens, answered = time.perf_counter(), 0, 0
+    for batch in batches:
+        if _past(deadline):
+            break
         answers = generate_batch(model, [p for _, p in batch], max_new_tokens, eos, pad_id)
+        answer_tokens += sum(map(len, answers))
         with samples_path.open("a", encoding="utf-8") as f:
             for (index, prompt_ids), answer in zip(batch, answers, strict=True):
                 f.write(json.dumps({"index": index, "source": prompts[index].source, "prompt_len": len(prompt_ids),
                                     "ids": prompt_ids + answer}) + "\n")
+        answered += len(batch)
         bar.update(len(batch))
     bar.close()
-    return samples_path
+    seconds = time.perf_counter() - started
+    return {"answered": answered, "left": len(todo) - answered, "answer_tokens": answer_tokens,
+            "seconds": round(seconds, 1), "tokens_per_s": round(answer_tokens / seconds, 1) if seconds > 0 else None,
+            "dtype": str(model.dtype), "path": str(samples_path)}
+
+
+def _answered(samples: list[dict], encoded: list[list[int]], out_dir: Path) -> set[int]:
+    """Indices already answered in `out_dir`, checked to be answers to these prompts: a resumed run with other
+    prompt options (another --round, --limit or file) would otherwise mix answers under the wrong indices."""
+    for sample in samples:
+        index = sample["index"]
+        if index >= len(encoded) or sample["ids"][:sample["prompt_len"]] != encoded[index]:
+            raise CtcspecError(f"{str(out_dir)!r} holds answers to other prompts (its sample {index} is not prompt "
+                               f"{index} of these options); resume with the same prompt options, or use a new --out")
+    return {sample["index"] for sample in samples}
+
+
+@torch.inference_mode()
+def float32_agreement(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+    """How far answers distilled in a lower precision agree with the same model's answers in float32: the
+    share of answers identical token for token, and of answer tokens before the first difference."""
+    eos, pad_id = stop_and_pad_ids(model, tokenizer)
+    reference = copy.deepcopy(model).float()
+    identical, agreeing, total = 0, 0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        answers = generate_batch(reference, [s["ids"][:s["prompt_len"]] for s in batch], max_new_tokens, eos, pad_id)
+        for sample, answer in zip(batch, answers, strict=True):
+            distilled = sample["ids"][sample["prompt_len"]:]
+            shorter = min(len(distilled), len(answer))
+            same = next((i for i in range(shorter) if distilled[i] != answer[i]), shorter)
+            identical += distilled == answer
+            agreeing += same
+            total += len(distilled)
+    del reference
+    return {"answers": len(samples), "identical": identical / len(samples) if samples else None,
+            "tokens_before_first_difference": agreeing / total if total else None}

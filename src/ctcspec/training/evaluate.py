@@ -34,7 +34,7 @@ def acceptance_curve(module, model, samples: list[dict], mode: str | None = None
     device = module.embed_weight.device
     for sample in samples:
         tokens, lengths, prompt_lens = pad_batch([sample], max_length, device)
-        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, generator)
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, [generator])
         anchors, valid = anchors.to(device), valid.to(device)
         hidden = base_hidden(model, tokens, lengths)
         truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, module.draft_depth)

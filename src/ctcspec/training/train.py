@@ -19,7 +19,7 @@ import math
 import pickle
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +28,11 @@ from tqdm import tqdm
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
 from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, CTCConfig
-from ctcspec.modules.files import describe_base, save_drafter
+from ctcspec.modules.files import describe_base, load_trained_weights, read_drafter, save_drafter
 from ctcspec.modules.heads import HeadsConfig
+from ctcspec.modules.layers import LAYER_INITS, base_rope_theta, copy_base_layer
 from ctcspec.training.data import (
+    anchor_generator,
     batch_hidden,
     batch_order,
     choose_anchors,
@@ -56,6 +58,7 @@ class TrainConfig:
     intermediate_size: int = 0       # MLP width; 0 = the kind's default (ctc/eagle: the base model's; heads 1024)
     slot_attention: str = "bidirectional"
     loss: str = "ctc"
+    layer_init: str = "random"       # ctc: "base" starts the draft layer as the base model's last layer
     draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
     steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
     epochs: float = 2.0
@@ -74,6 +77,7 @@ class TrainConfig:
     time_limit_s: float = 0.0        # stop early (and still save the drafter) after this long; 0 = no limit
     max_train_samples: int = 0       # train on a seeded random subset of this many sequences; 0 = all
     hidden_cache: str = ""           # directory caching base hidden states (fp16) per sequence, shared by runs
+    init_from: str = ""              # a saved drafter of this kind and shape to continue from (warm start)
 
     def __post_init__(self) -> None:
         """Options that cannot train are user errors, found before the model or data load."""
@@ -86,9 +90,13 @@ class TrainConfig:
                 raise CtcspecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.kind == "ctc" and self.target_tokens > self.num_slots:
             raise CtcspecError(f"--target-tokens ({self.target_tokens}) must not exceed --num-slots ({self.num_slots})")
-        for name, allowed in (("slot_attention", SLOT_ATTENTION), ("loss", LOSSES)):
+        for name, allowed in (("slot_attention", SLOT_ATTENTION), ("loss", LOSSES), ("layer_init", LAYER_INITS)):
             if getattr(self, name) not in allowed:
                 raise CtcspecError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        if self.kind != "ctc" and self.layer_init != "random":
+            raise CtcspecError("--layer-init base is for --kind ctc")
+        if self.init_from and self.layer_init != "random":
+            raise CtcspecError("--init-from starts from a trained drafter's layer; --layer-init base would replace it")
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -104,11 +112,17 @@ def module_config(config: TrainConfig, model, draft_vocab_size: int) -> CTCConfi
     hidden_size = model.config.hidden_size
     base_inner = getattr(model.config, "intermediate_size", 4 * hidden_size)
     if config.kind == "ctc":
+        like_base = {}
+        if config.layer_init == "base":  # the copied layer keeps the base's rotary base and norm epsilon
+            try:
+                like_base = {"rope_theta": base_rope_theta(model), "rms_eps": float(model.config.rms_norm_eps)}
+            except (AttributeError, ValueError) as exc:
+                raise CtcspecError(f"--layer-init base: {exc}") from None
         return CTCConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
                            intermediate_size=config.intermediate_size or base_inner,
                            draft_vocab_size=draft_vocab_size, num_slots=config.num_slots,
                            target_tokens=config.target_tokens, slot_attention=config.slot_attention,
-                           loss=config.loss)
+                           loss=config.loss, **like_base)
     if config.kind not in KINDS:
         raise CtcspecError(f"unknown drafter kind {config.kind!r}; choose from: {', '.join(KINDS)}")
     inner = config.intermediate_size or (base_inner if config.kind == "eagle" else 1024)
@@ -120,10 +134,12 @@ def module_config(config: TrainConfig, model, draft_vocab_size: int) -> CTCConfi
 def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resume: bool = False,
           progress: bool = True) -> dict:
     """Train a `config.kind` drafter for `model` on the distilled samples of `data_dirs`; writes it to `out_dir`."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     out_dir = Path(out_dir)
-    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    # every process builds the same frozen buffers (base embedding, LM head rows): nothing to broadcast
+    accelerator = Accelerator(cpu=model.device.type == "cpu",
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     device = accelerator.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -132,6 +148,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     samples = read_data([Path(d) for d in data_dirs])
     train_set, heldout = split_heldout(samples, config.heldout_every)
     checkpoint_path = out_dir / CHECKPOINT
+    init = read_drafter(Path(config.init_from), model, config.kind) if config.init_from else None
     state = None
     if resume:
         if not checkpoint_path.exists():
@@ -145,20 +162,32 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         if not isinstance(state, dict) or not isinstance(state.get("train_config"), dict):
             raise CtcspecError(f"--resume: {checkpoint_path} is not a ctcspec training checkpoint")
         changed = sorted(k for k, v in asdict(config).items()
-                         if k not in RESUMABLE_CHANGES and state["train_config"].get(k) != v)
+                         if k not in RESUMABLE_CHANGES and state["train_config"].get(k, getattr(TrainConfig(), k)) != v)
         if changed:
             raise CtcspecError(f"--resume with different training options ({', '.join(changed)}); "
                                "use the original options or a new --out")
         vocab_ids = state["vocab_ids"]
+    elif init is not None:
+        vocab_ids = init[2]  # the warm start keeps its draft vocabulary
     else:
         vocab_ids = draft_vocabulary(train_set, config.draft_vocab, model.get_output_embeddings().weight.shape[0])
     cache_dir = open_hidden_cache(Path(config.hidden_cache), model) if config.hidden_cache else None
     if config.max_train_samples and config.max_train_samples < len(train_set):
         picks = sorted(random.Random(config.seed).sample(range(len(train_set)), config.max_train_samples))
         train_set = [train_set[i] for i in picks]  # after the vocabulary, which always sees all the data
-    draft_config = module_config(config, model, len(vocab_ids))
+    draft_config = module_config(warm_start_config(config, init[1] if init else None), model, len(vocab_ids))
+    if init is not None:
+        _check_same_shape(config.init_from, init[1], draft_config)
     torch.manual_seed(config.seed)
-    module = build_module(config.kind, draft_config, vocab_ids, model).to(device)
+    module = build_module(config.kind, draft_config, vocab_ids, model)
+    if init is not None and state is None:
+        load_trained_weights(module, init[3], Path(config.init_from))
+    elif config.layer_init == "base" and state is None:
+        try:
+            copy_base_layer(module.layer, model)
+        except ValueError as exc:
+            raise CtcspecError(f"--layer-init base: {exc}") from None
+    module = module.to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.steps or max(1, int(config.epochs * steps_per_epoch))
@@ -181,7 +210,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     tokens_seen = 0
     stopped_early = False
     while step < total_steps:
-        if config.time_limit_s and time.perf_counter() - start > config.time_limit_s:
+        if config.time_limit_s and _out_of_time(accelerator, time.perf_counter() - start > config.time_limit_s):
             stopped_early = True
             break
         epoch, index = divmod(step, steps_per_epoch)
@@ -191,8 +220,8 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
             continue
         share = batches[index][rank::world] or batches[index][:1]
         tokens, lengths, prompt_lens = pad_batch([train_set[i] for i in share], config.max_length, device)
-        generator = torch.Generator().manual_seed(config.seed * 7919 + step)
-        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generator)
+        generators = [anchor_generator(config.seed, step, train_set[i]["index"]) for i in share]
+        anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generators)
         anchors, valid = anchors.to(device), valid.to(device)
         hidden = batch_hidden(model, [train_set[i] for i in share], tokens, lengths, cache_dir)
         targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, inner.target_count)
@@ -204,7 +233,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(lengths.sum())
-        value = loss.item()
+        value = accelerator.reduce(loss.detach(), "mean").item()  # over processes: what one process would log
         smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
         if accelerator.is_main_process and (step % config.eval_every == 0 or step == total_steps):
             curve = acceptance_curve(inner, model, heldout[:config.eval_samples], budgets=(16,),
@@ -227,13 +256,49 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
                    "train_samples": len(train_set),
                    "heldout_samples": len(heldout), "train_tokens": sum(len(s["ids"]) for s in train_set),
                    "device": str(device), "processes": world, "data": [str(d) for d in data_dirs],
-                   "config": asdict(config)}
+                   "final_loss": None if smoothed is None else round(smoothed, 4), "config": asdict(config)}
+        if init is not None:
+            summary["warm_start"] = warm_start_record(config.init_from, init[0])
         save_drafter(out_dir, inner, describe_base(model),
                      {"training": summary, "acceptance_curve": {t: {str(b): a for b, a in c.items()}
                                                                 for t, c in curves.items()}})
         summary["acceptance_curve"] = curves
     accelerator.wait_for_everyone()
     return summary
+
+
+def _out_of_time(accelerator, here: bool) -> bool:
+    """Whether any process is past the time limit: all stop at the same step, or the others would wait for
+    its gradients forever."""
+    flag = torch.tensor(float(here), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max").item())
+
+
+def warm_start_config(config: TrainConfig, saved_draft) -> TrainConfig:
+    """A warm start keeps the saved drafter's MLP width unless one is asked for (--intermediate-size 0 means
+    the kind's default, or the warm start's)."""
+    if saved_draft is None or config.intermediate_size:
+        return config
+    return replace(config, intermediate_size=saved_draft.intermediate_size)
+
+
+def _check_same_shape(init_from: str, saved, wanted) -> None:
+    """A warm start needs the saved drafter's architecture; name every option that differs."""
+    if saved == wanted:
+        return
+    differing = [f"{name} {getattr(saved, name)!r} (these options give {getattr(wanted, name)!r})"
+                 for name in saved.to_dict() if getattr(saved, name) != getattr(wanted, name)]
+    raise CtcspecError(f"--init-from {init_from}: the saved drafter has " + ", ".join(differing) +
+                       "; give the options it was trained with")
+
+
+def warm_start_record(init_from: str, saved_config: dict) -> dict:
+    """Where a warm-started drafter began, and the steps and tokens behind it over every earlier round."""
+    earlier = saved_config.get("training") if isinstance(saved_config.get("training"), dict) else {}
+    before = earlier.get("warm_start") if isinstance(earlier.get("warm_start"), dict) else {}
+    return {"from": init_from, "rounds": before.get("rounds", 1) + 1 if before else 2,
+            "earlier_steps": before.get("earlier_steps", 0) + earlier.get("steps", 0),
+            "earlier_train_tokens": before.get("earlier_train_tokens", 0) + earlier.get("train_tokens", 0)}
 
 
 def final_curves(module, model, heldout: list[dict], max_length: int) -> dict[str, dict[int, float]]:
