@@ -214,7 +214,7 @@ CASES = {
         lambda f: ["chat", "--model", f.model, "--top-p", "0.5"], ("--top-p only shape sampling",)),
 }
 CASES["generate: --backend llama.cpp with --gguf q8_0"] = (
-    lambda f: _gen(f, "--backend", "llama.cpp", "--gguf", "q8_0"), ("--backend llama.cpp takes --gguf f32 or f16",))
+    lambda f: _gen(f, "--backend", "llama.cpp", "--gguf", "q8_0"), ("--backend llama.cpp takes --gguf f32",))
 CASES["generate: --backend llama.cpp with --dtype bfloat16"] = (
     lambda f: _gen(f, "--backend", "llama.cpp", "--dtype", "bfloat16"), ("llama.cpp runs on the CPU", "--gguf"))
 if importlib.util.find_spec("llama_cpp") is None:  # `make test` builds llama.cpp; a bare install does not

@@ -182,7 +182,8 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
                         "static where it applies")
     p.add_argument("--gguf", default="f32", choices=PRECISIONS,
                    help="weights of the GGUF that llama.cpp runs, converted from --model once (default: f32, as the "
-                        "model); the llama.cpp backend takes f32 or f16, bench's peers any")
+                        "model); the llama.cpp backend takes f32 (f16 and q8_0 are not lossless there), "
+                        "bench's peers any")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
                         "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "

@@ -10,7 +10,8 @@ sequence must hold every id in use: invariant between calls, every cached entry 
 after the path, and copies the path to the other ids (in llama.cpp's unified KV cache a copy adds an id
 to the cell; nothing moves). The accepted entries stay in the cells they were written to, so the cache's
 cell order is not position order; attention sums over cells in cell order, which is the one arithmetic
-difference from decoding token by token (docs/llama_cpp.md measures it: 0 differing outputs in f32 and f16).
+difference from decoding token by token (docs/llama_cpp.md measures it: 0 differing outputs in f32; f16 and q8_0
+round several tokens differently from one and are refused).
 
 The HF model stays loaded beside the GGUF: drafters read its config, embeddings and LM head, and decoding
 settings come from its generation config. Hidden states are llama.cpp's embeddings output with pooling off,
@@ -33,7 +34,7 @@ from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, import_llama_
 _FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0"}  # general.file_type values (llama_ftype) of the GGUFs ctcspec converts
 # Weights whose multi-token kernels round as the one-token ones do, so a tree step equals token-by-token decoding.
 # q8_0's do not (docs/llama_cpp.md: 4 of 6 prompts left llama.cpp's own q8_0 greedy decoding within 128 tokens).
-LOSSLESS_PRECISIONS = ("f32", "f16")
+LOSSLESS_PRECISIONS = ("f32",)  # f16 and q8_0 drift: docs/llama_cpp.md
 _MAX_BATCH = 512    # tokens per llama_decode call (a longer prompt goes in several)
 
 
@@ -89,7 +90,7 @@ class LlamaCppBackend(Backend):
         if self.precision not in LOSSLESS_PRECISIONS:
             raise CtcspecError(f"the llama.cpp backend refuses {self.precision} weights: llama.cpp's {self.precision} "
                                f"kernels round several tokens differently from one, so verifying a tree would not "
-                               f"equal llama.cpp's own greedy decoding; use --gguf f32 or f16")
+                               f"equal llama.cpp's own greedy decoding; use --gguf f32")
         self._check_matches(model)
         if tokenizer is not None:
             check_vocab(self._model, tokenizer)
