@@ -1,6 +1,7 @@
 """Verification cost curves side by side: the median time of one base forward over q tree nodes (root included)
 after a 256-token context, for the torch backend (static; packed and plain kernels) and the llama.cpp backend
-(F32 and F16 GGUFs), as the tree budget reads them (budget.verify_cost_curve). docs/kernels.md quotes its output.
+(the GGUF precisions it takes: F32), as the tree budget reads them (budget.verify_cost_curve). docs/kernels.md
+quotes its output.
 
     python experiments/cost_curves.py [--threads 1] [--repeats 7]
 
@@ -14,6 +15,7 @@ import argparse
 import torch
 
 from ctcspec.backends import make_backend
+from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
 from ctcspec.budget import verify_cost_curve
 from ctcspec.gguf import gguf_for
 from ctcspec.models import DEFAULT_MODEL, load_model
@@ -33,7 +35,7 @@ def main() -> None:
         loaded = load_model(args.model, kernels=kernels)
         rows[f"torch static, {kernels} kernels"] = verify_cost_curve(make_backend(loaded.model, "static"), SIZES,
                                                                      repeats=args.repeats)
-    for precision in ("f32", "f16"):
+    for precision in LOSSLESS_PRECISIONS:
         backend = make_backend(loaded.model, "llama.cpp", gguf_for(loaded.path, precision), loaded.tokenizer)
         rows[f"llama.cpp {precision.upper()}"] = verify_cost_curve(backend, SIZES, repeats=args.repeats)
     print("| backend | " + " | ".join(f"q={q}" for q in SIZES) + " | q=4 / q=1 |")
