@@ -37,6 +37,8 @@ BATCH=${BATCH:-1024}                  # generation batch
 CHECK_FP32=${CHECK_FP32:-64}
 STEPS=${STEPS:-800}
 TRAIN_OPTS=${TRAIN_OPTS:---batch-size 32}   # architecture options must match INIT's (the defaults do)
+CTC_OPTS=${CTC_OPTS---prefix-weight 1}  # CTC loss terms only (the architecture must match INIT): the CPU recipe
+                                      # study's winner (docs/ctc.md, "Recipe study")
 ROUND_S=${ROUND_S:-540}               # the whole round
 DISTILL_S=${DISTILL_S:-150}           # no generation batch starts later
 TRAIN_S=${TRAIN_S:-150}               # no training step starts later
@@ -121,13 +123,14 @@ timeout "$(cap $((DISTILL_S + 90)))" "$PYTHON" -m ctcspec distill --model "$MODE
     --out "$WORK/data" > "$WORK/distill.json" 2> "$WORK/logs/distill.log"
 phase distill $? required
 
-train() {  # kind init-dir out-dir
+train() {  # kind init-dir out-dir [options of this kind]
     # shellcheck disable=SC2086  # TRAIN_OPTS is a list of options
     timeout "$(cap $((TRAIN_S + 90)))" "$PYTHON" -m ctcspec train --model "$MODEL" --device "$DEVICE" --kind "$1" \
-        --init-from "$2" --data "$WORK/data" --steps "$STEPS" --time-limit-s "$TRAIN_S" $TRAIN_OPTS --out "$3" \
-        > "$WORK/logs/train-$1.json" 2> "$WORK/logs/train-$1.log"
+        --init-from "$2" --data "$WORK/data" --steps "$STEPS" --time-limit-s "$TRAIN_S" $TRAIN_OPTS "${@:4}" \
+        --out "$3" > "$WORK/logs/train-$1.json" 2> "$WORK/logs/train-$1.log"
 }
-train ctc "$INIT" "$OUT/ctc" &
+# shellcheck disable=SC2086  # CTC_OPTS is a list of options
+train ctc "$INIT" "$OUT/ctc" $CTC_OPTS &
 ctc=$!
 others=()
 for pair in $BASELINES; do train "${pair%%:*}" "${pair#*:}" "$WORK/${pair%%:*}" & others+=($!); done

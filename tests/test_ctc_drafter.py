@@ -26,10 +26,11 @@ def llama():
     return tiny_model("llama")
 
 
-@pytest.mark.parametrize("slot_attention", ["bidirectional", "causal"])
-def test_incremental_inference_equals_training_forward(llama, slot_attention):
+@pytest.mark.parametrize("slot_attention,num_layers", [("bidirectional", 1), ("causal", 1), ("bidirectional", 2),
+                                                        ("causal", 3)])
+def test_incremental_inference_equals_training_forward(llama, slot_attention, num_layers):
     """The cached, chunk-by-chunk inference path gives the slot distributions training optimises."""
-    module = tiny_module(llama, slot_attention=slot_attention)
+    module = tiny_module(llama, slot_attention=slot_attention, num_layers=num_layers)
     tokens = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = llama(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
@@ -81,7 +82,7 @@ def test_drafter_extends_its_cache_and_proposes_valid_trees(llama):
     assert 1 <= len(tree) <= 10 and max(tree.depths()) <= 3
     first_cache = drafter._cache
     drafter.propose(DraftRequest(torch.cat([tokens, torch.tensor([5])]), max_depth=8, new_hidden=hidden[19:20]))
-    assert first_cache.length == 19 and drafter._cache.length == 20  # a new cache; the old one is untouched
+    assert first_cache[0].length == 19 and drafter._cache[0].length == 20  # a new cache; the old one is untouched
     with pytest.raises(CtcspecError, match="hidden states"):
         drafter.propose(DraftRequest(tokens, max_depth=3))
 

@@ -420,10 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                               "that drafter's weights and draft vocabulary; the architecture options must match it)",
                  "layer_init": "ctc: random, or base = start the draft layer as the base model's last decoder "
                                "layer (Llama-family bases)",
+                 "num_layers": "ctc: draft layers over the slots",
+                 "prefix_weight": "ctc: weight of a loss term that rewards drafts whose first tokens are right "
+                                  "(-log P(draft starts with the first k targets), averaged over k)",
+                 "soft_weight": "ctc: weight of a KL term to the base model's next-token distributions at the "
+                                "slots the best CTC alignment gives a target",
                  "hidden_cache": "a directory caching the base model's hidden states of the data (fp16), shared by "
                                  "several trainings on the same data"}
     for name, kind in (("kind", str), ("num_slots", int), ("target_tokens", int), ("intermediate_size", int),
-                       ("slot_attention", str), ("loss", str), ("layer_init", str), ("draft_vocab", int),
+                       ("slot_attention", str), ("loss", str), ("layer_init", str), ("num_layers", int),
+                       ("prefix_weight", float), ("soft_weight", float), ("draft_vocab", int),
                        ("max_train_samples", int), ("hidden_cache", str), ("init_from", str), ("steps", int),
                        ("epochs", float),
                        ("batch_size", int), ("anchors_per_sequence", int), ("max_length", int), ("lr", float),

@@ -11,9 +11,8 @@ import torch
 
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
-from ctcspec.modules.ctc import CTCModule
+from ctcspec.modules.ctc import CTCModule, LayerCaches
 from ctcspec.modules.files import saved_curves
-from ctcspec.modules.layers import ContextCache
 from ctcspec.search import TRANSFORMS, build_tree
 from ctcspec.tree import TokenTree
 
@@ -41,7 +40,7 @@ class CTCDrafter(Drafter):
         return cls(module, transform=transform, acceptance_curve=saved_curves(config).get(transform))
 
     def reset(self) -> None:
-        self._cache: ContextCache | None = None
+        self._cache: LayerCaches | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (hidden, next tokens) not in the cache yet
 
     def settings(self) -> dict:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
-from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, CTCConfig
+from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, TRAINING_ONLY, CTCConfig
 from ctcspec.modules.files import describe_base, load_trained_weights, read_drafter, save_drafter
 from ctcspec.modules.heads import HeadsConfig
 from ctcspec.modules.layers import LAYER_INITS, base_rope_theta, copy_base_layer
@@ -59,6 +59,9 @@ class TrainConfig:
     slot_attention: str = "bidirectional"
     loss: str = "ctc"
     layer_init: str = "random"       # ctc: "base" starts the draft layer as the base model's last layer
+    num_layers: int = 1              # ctc: draft layers over the slots
+    prefix_weight: float = 0.0       # ctc: weight of -log P(draft starts with the first k targets) beside CTC
+    soft_weight: float = 0.0         # ctc: weight of the KL term to the base model's next-token distributions
     draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
     steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
     epochs: float = 2.0
@@ -82,10 +85,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Options that cannot train are user errors, found before the model or data load."""
         for name in ("num_slots", "target_tokens", "batch_size", "anchors_per_sequence", "max_length", "eval_every",
-                     "eval_samples", "final_eval_samples", "checkpoint_every", "heldout_every"):
+                     "eval_samples", "final_eval_samples", "checkpoint_every", "heldout_every", "num_layers"):
             if getattr(self, name) < 1:
                 raise CtcspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("steps", "epochs", "lr", "time_limit_s", "max_train_samples", "draft_vocab", "intermediate_size"):
+        for name in ("steps", "epochs", "lr", "time_limit_s", "max_train_samples", "draft_vocab", "intermediate_size",
+                     "prefix_weight", "soft_weight"):
             if getattr(self, name) < 0:
                 raise CtcspecError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.kind == "ctc" and self.target_tokens > self.num_slots:
@@ -95,6 +99,13 @@ class TrainConfig:
                 raise CtcspecError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.kind != "ctc" and self.layer_init != "random":
             raise CtcspecError("--layer-init base is for --kind ctc")
+        if self.kind != "ctc" and (self.num_layers != 1 or self.prefix_weight or self.soft_weight):
+            raise CtcspecError("--num-layers, --prefix-weight and --soft-weight are for --kind ctc")
+        if self.loss != "ctc" and (self.prefix_weight or self.soft_weight):
+            raise CtcspecError("--prefix-weight and --soft-weight go with --loss ctc")
+        if self.layer_init != "random" and self.num_layers != 1:
+            raise CtcspecError("--layer-init base copies the base model's last layer into one draft layer; "
+                               "use it with --num-layers 1")
         if self.init_from and self.layer_init != "random":
             raise CtcspecError("--init-from starts from a trained drafter's layer; --layer-init base would replace it")
 
@@ -122,7 +133,8 @@ def module_config(config: TrainConfig, model, draft_vocab_size: int) -> CTCConfi
                            intermediate_size=config.intermediate_size or base_inner,
                            draft_vocab_size=draft_vocab_size, num_slots=config.num_slots,
                            target_tokens=config.target_tokens, slot_attention=config.slot_attention,
-                           loss=config.loss, **like_base)
+                           loss=config.loss, num_layers=config.num_layers, prefix_weight=config.prefix_weight,
+                           soft_weight=config.soft_weight, **like_base)
     if config.kind not in KINDS:
         raise CtcspecError(f"unknown drafter kind {config.kind!r}; choose from: {', '.join(KINDS)}")
     inner = config.intermediate_size or (base_inner if config.kind == "eagle" else 1024)
@@ -283,11 +295,12 @@ def warm_start_config(config: TrainConfig, saved_draft) -> TrainConfig:
 
 
 def _check_same_shape(init_from: str, saved, wanted) -> None:
-    """A warm start needs the saved drafter's architecture; name every option that differs."""
-    if saved == wanted:
-        return
+    """A warm start needs the saved drafter's architecture (not its loss weights); name every option that differs."""
     differing = [f"{name} {getattr(saved, name)!r} (these options give {getattr(wanted, name)!r})"
-                 for name in saved.to_dict() if getattr(saved, name) != getattr(wanted, name)]
+                 for name in saved.to_dict()
+                 if name not in TRAINING_ONLY and getattr(saved, name) != getattr(wanted, name)]
+    if not differing:
+        return
     raise CtcspecError(f"--init-from {init_from}: the saved drafter has " + ", ".join(differing) +
                        "; give the options it was trained with")
 
