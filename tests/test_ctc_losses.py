@@ -96,11 +96,16 @@ def _batch(module, llama):
     return out, tokens, anchors, targets, target_lengths
 
 
-def _drafts(module, hidden, tokens, anchors, targets, target_lengths):
-    """Per draft with a target, as a loop: (batch row, anchor, targets, slot log-probs (N, classes))."""
+@torch.no_grad()
+def _loss_and_drafts(module, out, tokens, anchors, targets, target_lengths):
+    """The module's training loss on a batch, and per draft with a target, as a loop: (batch row, anchor,
+    targets, slot log-probs (N, classes))."""
+    hidden = out.hidden_states[-1]
+    loss = module(hidden, tokens, anchors, targets, target_lengths)
     log_probs = module.training_logits(hidden, tokens, anchors).float().log_softmax(-1)
-    return [(b, int(anchors[b, a]), targets[b, a, :int(target_lengths[b, a])], log_probs[b, a])
-            for b in range(anchors.shape[0]) for a in range(anchors.shape[1]) if target_lengths[b, a] > 0]
+    drafts = [(b, int(anchors[b, a]), targets[b, a, :int(target_lengths[b, a])], log_probs[b, a])
+              for b in range(anchors.shape[0]) for a in range(anchors.shape[1]) if target_lengths[b, a] > 0]
+    return loss, drafts
 
 
 def _plain_ctc(module, drafts):
@@ -111,11 +116,10 @@ def _plain_ctc(module, drafts):
 
 def test_soft_term_is_the_kl_from_the_base_models_logits_at_each_aligned_slot(llama):
     module = tiny_module(llama, vocab=96, num_slots=5, target_tokens=3, soft_weight=1.0)
-    out, tokens, anchors, targets, target_lengths = _batch(module, llama)
-    hidden, c = out.hidden_states[-1], module.config
+    out, *batch = _batch(module, llama)
+    got, drafts = _loss_and_drafts(module, out, *batch)
+    c = module.config
     with torch.no_grad():
-        got = module(hidden, tokens, anchors, targets, target_lengths)
-        drafts = _drafts(module, hidden, tokens, anchors, targets, target_lengths)
         terms = []
         for b, t, y, lp in drafts:
             alignment = best_alignment(lp[:, None], y[None], torch.tensor([len(y)]), c.blank_id)[0]
@@ -131,10 +135,9 @@ def test_prefix_term_averages_the_prefix_log_probabilities_that_fit(llama):
     module = tiny_module(llama, vocab=96, num_slots=4, target_tokens=3, prefix_weight=0.5)
     out, tokens, anchors, targets, target_lengths = _batch(module, llama)
     targets[0, 0] = targets[0, 0, 0]            # three repeats need 5 slots: its longest prefix is left out
-    hidden, c = out.hidden_states[-1], module.config
+    got, drafts = _loss_and_drafts(module, out, tokens, anchors, targets, target_lengths)
+    c = module.config
     with torch.no_grad():
-        got = module(hidden, tokens, anchors, targets, target_lengths)
-        drafts = _drafts(module, hidden, tokens, anchors, targets, target_lengths)
         terms = []
         for _, _, y, lp in drafts:
             prefix = prefix_log_probs(lp[:, None], y[None], c.blank_id)[0]
@@ -181,6 +184,8 @@ def test_warm_start_may_change_loss_weights_but_not_layers(llama, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--num-layers", "0"], "--num-layers must be at least 1"),
     (["--prefix-weight", "-1"], "--prefix-weight must not be negative"),
+    (["--soft-weight", "nan"], "--soft-weight must be a finite number"),
+    (["--soft-weight", "x"], "invalid float value"),
     (["--kind", "medusa", "--soft-weight", "0.5"], "are for --kind ctc"),
     (["--loss", "ce", "--prefix-weight", "0.5"], "go with --loss ctc"),
     (["--layer-init", "base", "--num-layers", "2"], "use it with --num-layers 1"),

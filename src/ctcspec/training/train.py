@@ -99,6 +99,9 @@ class TrainConfig:
                 raise CtcspecError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.kind != "ctc" and self.layer_init != "random":
             raise CtcspecError("--layer-init base is for --kind ctc")
+        for name in ("prefix_weight", "soft_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise CtcspecError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.kind != "ctc" and (self.num_layers != 1 or self.prefix_weight or self.soft_weight):
             raise CtcspecError("--num-layers, --prefix-weight and --soft-weight are for --kind ctc")
         if self.loss != "ctc" and (self.prefix_weight or self.soft_weight):
