@@ -3,10 +3,11 @@
     python experiments/forward_profile.py [--model smollm2-135m-instruct] [--threads 1] [--rounds 15] [--dtype float32]
 
 Prints this machine's memory bandwidth (a 1 GiB fp32 reduction: the floor for reading the weights
-once per forward), then, for a one-token step and a 5-node verification over a 256-token context,
-the median milliseconds per backend and kernel choice, and a torch-profiler breakdown of one such
-forward by kind of operator; "outside operators" is wall time no operator accounts for (Python,
-module dispatch, tensor bookkeeping). Packed kernels apply to float32 only; other dtypes run plain.
+once per forward) and the time of the model's linear layers alone on one row each, then, for a
+one-token step and a 5-node verification over a 256-token context, the median milliseconds per
+backend and kernel choice, and a torch-profiler breakdown of one such forward by kind of operator;
+"outside operators" is wall time no operator accounts for (Python, module dispatch, tensor
+bookkeeping). Packed kernels apply to float32 only; other dtypes run plain.
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ def memory_bandwidth_gbs(gib: float = 1.0, rounds: int = 5) -> float:
         data.sum()
         times.append(time.perf_counter() - start)
     return data.numel() * 4 / statistics.median(times) / 1e9
+
+
+def one_row_products_ms(model: torch.nn.Module, rounds: int) -> float:
+    """Median ms of running every linear layer of `model` once on one row, in module order and on the stock
+    kernel: what a one-token forward's products cost with nothing around them (the weights stream from memory)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype) for m in linears}
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms up and is dropped
+            start = time.perf_counter()
+            for linear in linears:
+                torch.nn.functional.linear(rows[linear.in_features], linear.weight, linear.bias)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1000
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -90,6 +106,8 @@ def main() -> None:
     print(f"{args.model}, {args.dtype}, {args.threads} thread(s); memory bandwidth {bandwidth:.1f} GB/s; "
           f"weights {size / 1e6:.0f} MB "
           f"-> floor {size / bandwidth / 1e6:.1f} ms per forward")
+    products = one_row_products_ms(model, args.rounds)
+    print(f"every linear layer once on one row, nothing else: {products:.1f} ms ({size / products / 1e6:.1f} GB/s)")
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ctc_helpers import tiny_heads_drafter, tiny_module
 from test_equivalence import drafters_for, prompts
+from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, hf_greedy, tiny_model
+from conftest import ARCHS, hf_greedy, save_tiny_model_dir, tiny_model
 from ctcspec.bench.run import hf_generate
 from ctcspec.cpu_kernels import (
+    PACKED_KERNELS,
     PackedLinear,
     apply_kernels,
     linear_kernels_of,
@@ -39,6 +43,18 @@ def test_packed_linear_computes_the_same_product(bias):
             torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_linear_runs_one_row_on_the_stock_kernel_and_several_packed():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536)
+    packed, mixed = PackedLinear.from_linear(linear), PackedLinear.from_linear(linear, one_row_stock=True)
+    with torch.inference_mode():
+        one = torch.randn(1, 1, 576)
+        assert torch.equal(mixed(one), linear(one))  # bit for bit: the same stock product
+        several = torch.randn(1, 5, 576)
+        assert torch.equal(mixed(several), packed(several))
+        assert not torch.equal(packed(several), linear(several))  # else the line above could not tell them apart
+
+
 def test_packed_linear_falls_back_when_gradients_are_needed():
     linear = torch.nn.Linear(8, 4)
     packed = PackedLinear.from_linear(linear)
@@ -61,10 +77,11 @@ def test_packing_keeps_parameters_and_can_be_undone_for_a_block():
     assert linear_kernels_of(model) == "packed"
 
 
+@pytest.mark.parametrize("kernels", PACKED_KERNELS)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_packed_engine_is_identical_to_hf_generate_on_the_plain_model(arch):
+def test_packed_engine_is_identical_to_hf_generate_on_the_plain_model(arch, kernels):
     plain, packed = tiny_model(arch), tiny_model(arch)
-    pack_linear_layers(packed)
+    pack_linear_layers(packed, kernels)
     for prompt in prompts(12):
         expected = hf_greedy(plain, prompt, 40)  # the oracle runs the unmodified HF model
         for drafter in drafters_for(prompt, expected, packed):
@@ -89,13 +106,14 @@ def test_packed_drafters_draft_the_same_trees(kind):
         assert runs[0].stats.steps == runs[1].stats.steps  # same trees, so the same acceptance
 
 
-def test_a_drafter_loads_packed_exactly_when_its_base_runs_packed(tmp_path):
+@pytest.mark.parametrize("kernels", PACKED_KERNELS)
+def test_a_drafter_loads_packed_exactly_when_its_base_runs_packed(tmp_path, kernels):
     model = tiny_model("llama")
     save_drafter(tmp_path / "d", tiny_module(model), describe_base(model), dtype=torch.float32)
     assert linear_kernels_of(load_drafter_module(tmp_path / "d", model)[0]) == "plain"
-    pack_linear_layers(model)  # the LM head fingerprint is unchanged, so the drafter still matches
+    pack_linear_layers(model, kernels)  # the LM head fingerprint is unchanged, so the drafter still matches
     module, _ = load_drafter_module(tmp_path / "d", model)
-    assert linear_kernels_of(module) == "packed" and module.packed_head is not None
+    assert linear_kernels_of(module) == kernels and module.packed_head.one_row_stock == (kernels == "mixed")
 
 
 def test_hf_generate_in_the_bench_runs_the_stock_layers(monkeypatch):
@@ -112,11 +130,38 @@ def test_hf_generate_in_the_bench_runs_the_stock_layers(monkeypatch):
     assert linear_kernels_of(model) == "packed"  # restored afterwards
 
 
+def mapped_files(tensors) -> set[str]:
+    """The files whose mappings hold any of `tensors`' data (Linux's /proc/self/maps)."""
+    regions = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(bound, 16) for bound in fields[0].split("-"))
+        regions.append((low, high, fields[5] if len(fields) > 5 else ""))
+    return {name for t in tensors for low, high, name in regions if low <= t.data_ptr() < high and name.startswith("/")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_loaded_weights_live_in_process_memory_not_in_the_checkpoint_mapping(tmp_path):
+    directory = save_tiny_model_dir(tmp_path / "gemma", "gemma")  # ties its LM head to the input embedding
+    from_hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert mapped_files(from_hf.parameters()) == {str(directory / "model.safetensors")}  # what load_model undoes
+    model = load_model(str(directory)).model
+    assert mapped_files(model.parameters()) == set()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    expected = from_hf.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
 def test_kernel_choice_when_loading(tiny_model_dir):
-    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="auto").model) == "packed"
+    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="auto").model) == "mixed"
+    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="packed").model) == "packed"
     assert linear_kernels_of(load_model(str(tiny_model_dir)).model) == "plain"  # the library default
     assert linear_kernels_of(load_model(str(tiny_model_dir), dtype="bfloat16", kernels="auto").model) == "plain"
     with pytest.raises(CtcspecError, match="--kernels packed: .*fp32"):
         load_model(str(tiny_model_dir), dtype="bfloat16", kernels="packed")
+    with pytest.raises(CtcspecError, match="--kernels mixed: .*fp32"):
+        load_model(str(tiny_model_dir), dtype="bfloat16", kernels="mixed")
     with pytest.raises(ValueError, match="unknown kernels"):
         apply_kernels(tiny_model("llama"), "fast")
+    with pytest.raises(ValueError, match="do not pack"):
+        pack_linear_layers(tiny_model("llama"), "plain")

@@ -52,11 +52,11 @@ def hf_answers(smollm2):
     return [(prompt, hf_greedy(smollm2.model, prompt, 96, eos=eos[0])) for prompt in prompts]
 
 
-@pytest.mark.parametrize("kernels", ["plain", "packed"])
+@pytest.mark.parametrize("kernels", ["plain", "mixed", "packed"])
 def test_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
     model = smollm2.model
-    if kernels == "packed":
-        model = load_model(kernels="packed").model  # a second copy: the oracle's model stays as loaded
+    if kernels != "plain":
+        model = load_model(kernels=kernels).model  # a second copy: the oracle's model stays as loaded
     drafters = [shipped(name, model) for name in DRAFTERS]
     for drafter in drafters:
         if drafter.acceptance_curve:

@@ -186,8 +186,9 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
                         "bench's peers any")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
-                        "for the few-row forwards of tree verification on CPU; plain = the HF model as it is; "
-                        "auto (default) = packed on CPU in fp32")
+                        "for the few-row forwards of tree verification on CPU; mixed = packed for several rows, "
+                        "stock for one (a one-token step); plain = the HF model as it is; "
+                        "auto (default) = mixed on CPU in fp32")
 
 
 def _add_drafter_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ctcspec.cpu_kernels import linear_kernels_of, pack_draft_module, packing_supported
+from ctcspec.cpu_kernels import PACKED_KERNELS, linear_kernels_of, pack_draft_module, packing_supported
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module, module_config, parameter_count
 from ctcspec.modules.layers import base_head
@@ -158,8 +158,9 @@ def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | Non
     load_trained_weights(module, tensors, Path(directory))
     dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
     module = module.to(device=base_head(model)[0].device, dtype=dtype).eval()  # parameters beside the buffers
-    if linear_kernels_of(model) == "packed" and packing_supported(module):
-        pack_draft_module(module)  # the drafter runs like its base: packed fp32 on CPU
+    kernels = linear_kernels_of(model)
+    if kernels in PACKED_KERNELS and packing_supported(module):
+        pack_draft_module(module, kernels)  # the drafter runs like its base: packed fp32 on CPU
     return module, config
 
 
