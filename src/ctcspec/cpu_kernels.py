@@ -104,10 +104,10 @@ def pack_draft_module(module: nn.Module, kernels: str = "packed") -> None:
 
 def linear_kernels_of(model: nn.Module) -> str:
     """What the model's linear layers run: 'mixed' or 'packed' (see PACKED_KERNELS), else 'plain'."""
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    if not packed:
+    packed = next((m for m in model.modules() if isinstance(m, PackedLinear)), None)
+    if packed is None:
         return "plain"
-    return "mixed" if packed[0].one_row_stock else "packed"
+    return "mixed" if packed.one_row_stock else "packed"
 
 
 @contextmanager
