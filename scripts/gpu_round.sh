@@ -37,6 +37,8 @@ BATCH=${BATCH:-1024}                  # generation batch
 CHECK_FP32=${CHECK_FP32:-64}
 STEPS=${STEPS:-800}
 TRAIN_OPTS=${TRAIN_OPTS:---batch-size 32}   # architecture options must match INIT's (the defaults do)
+LR=${LR:-3e-4}                        # a warm start's peak learning rate: at 1e-3 (a fresh start's) it forgot more than
+                                      # it learned in the CPU study (docs/ctc.md, "Second study")
 CTC_OPTS=${CTC_OPTS---prefix-weight 1}  # CTC loss terms only (the architecture must match INIT): the CPU recipe
                                       # study's winner (docs/ctc.md, "Recipe study")
 ROUND_S=${ROUND_S:-540}               # the whole round
@@ -126,8 +128,8 @@ phase distill $? required
 train() {  # kind init-dir out-dir [options of this kind]
     # shellcheck disable=SC2086  # TRAIN_OPTS is a list of options
     timeout "$(cap $((TRAIN_S + 90)))" "$PYTHON" -m ctcspec train --model "$MODEL" --device "$DEVICE" --kind "$1" \
-        --init-from "$2" --data "$WORK/data" --steps "$STEPS" --time-limit-s "$TRAIN_S" $TRAIN_OPTS "${@:4}" \
-        --out "$3" > "$WORK/logs/train-$1.json" 2> "$WORK/logs/train-$1.log"
+        --init-from "$2" --data "$WORK/data" --steps "$STEPS" --lr "$LR" --time-limit-s "$TRAIN_S" $TRAIN_OPTS \
+        "${@:4}" --out "$3" > "$WORK/logs/train-$1.json" 2> "$WORK/logs/train-$1.log"
 }
 # shellcheck disable=SC2086  # CTC_OPTS is a list of options
 train ctc "$INIT" "$OUT/ctc" $CTC_OPTS &

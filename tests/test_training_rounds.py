@@ -197,6 +197,7 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     assert record["distill"]["answered"] == 52 and record["distill"]["float32_check"]["answers"] == 4
     assert record["train"]["steps"] == 4 and record["train"]["warm_start"]["rounds"] == 2
     assert record["baselines"]["medusa"]["steps"] == 4
+    assert record["train"]["config"]["lr"] == record["baselines"]["medusa"]["config"]["lr"] == 3e-4  # warm-start rate
     assert set(record["heldout"]["current"]) == set(record["heldout"]["new"]) and isinstance(record["better"], bool)
     with tarfile.open(out / "distilled.tar.xz") as packed:
         assert {"./samples.jsonl", "./meta.json", "./self_instruct.jsonl"} <= set(packed.getnames())
