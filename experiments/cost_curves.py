@@ -1,5 +1,5 @@
 """Verification cost curves side by side: the median time of one base forward over q tree nodes (root included)
-after a 256-token context, for the torch backend (static; mixed, packed and plain kernels) and the llama.cpp backend
+after a 256-token context, for the torch backend (static; every kernel choice) and the llama.cpp backend
 (the GGUF precisions it takes: F32), as the tree budget reads them (budget.verify_cost_curve). docs/kernels.md
 quotes its output.
 
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = {}
-    for kernels in ("mixed", "packed", "plain"):
+    for kernels in ("native", "native-packed", "mixed", "packed", "plain"):
         loaded = load_model(args.model, kernels=kernels)
         rows[f"torch static, {kernels} kernels"] = verify_cost_curve(make_backend(loaded.model, "static"), SIZES,
                                                                      repeats=args.repeats)

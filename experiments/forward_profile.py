@@ -7,7 +7,7 @@ once per forward) and the time of the model's linear layers alone on one row eac
 one-token step and a 5-node verification over a 256-token context, the median milliseconds per
 backend and kernel choice, and a torch-profiler breakdown of one such forward by kind of operator;
 "outside operators" is wall time no operator accounts for (Python, module dispatch, tensor
-bookkeeping). Packed kernels apply to float32 only; other dtypes run plain.
+bookkeeping). The packed and native kernels apply to float32 only; other dtypes run plain.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ctcspec.backends import TORCH_BACKENDS
-from ctcspec.cpu_kernels import pack_linear_layers, packing_supported
+from ctcspec.cpu_kernels import install_kernels, kernels_problem
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
@@ -113,13 +113,10 @@ def main() -> None:
     prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()
     trees = {q: TokenTree.from_sequences([[int(t)] for t in torch.randperm(vocab, generator=gen)[:q - 1]])
              for q in (1, 5)}
-    setups = [("hf", "plain"), ("static", "plain")]
     rows = {}
-    for kernels in ("plain", "packed") if packing_supported(model) else ("plain",):
-        if kernels == "packed":
-            pack_linear_layers(model)
-            setups = [("hf", "packed"), ("static", "packed")]
-        backends = {name: TORCH_BACKENDS[name](model) for name, _ in setups}
+    for kernels in ("plain", *(k for k in ("packed", "native") if not kernels_problem(model, k))):
+        install_kernels(model, kernels)
+        backends = {name: TORCH_BACKENDS[name](model) for name in ("hf", "static")}
         caches = {}
         for name, backend in backends.items():
             caches[name] = backend.new_cache(args.context + 8)

@@ -3,7 +3,7 @@
     python experiments/linear_kernels.py [--model smollm2-135m-instruct] [--threads 1] [--rounds 7]
 
 Prints, per tree size q (root included), the median milliseconds of one verification forward over
-a 256-token context, with the HF model as loaded ("plain") and after `pack_linear_layers`
+a 256-token context, with the HF model as loaded ("plain") and after `install_kernels(model, "packed")`
 ("packed"); the same model object, measured interleaved so machine drift hits both alike. Then one
 of the model's MLP products (hidden -> intermediate) alone, per row count, plain and packed.
 """
@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from ctcspec.backends import HFBackend
-from ctcspec.cpu_kernels import PackedLinear, pack_linear_layers, plain_linear_layers
+from ctcspec.cpu_kernels import PackedLinear, install_kernels, plain_linear_layers
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, kernels="plain").model
-    pack_linear_layers(model)
+    install_kernels(model, "packed")
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (args.context,), generator=gen).tolist()

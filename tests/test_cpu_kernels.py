@@ -1,4 +1,5 @@
-"""oneDNN-packed linear layers: same products, same parameters, and decoding still identical to stock HF generate."""
+"""CPU kernel layers (oneDNN-packed, native, and their mixes): same products, same parameters, and decoding still
+identical to stock HF generate."""
 
 from __future__ import annotations
 
@@ -13,22 +14,26 @@ from transformers import AutoModelForCausalLM
 from conftest import ARCHS, hf_greedy, save_tiny_model_dir, tiny_model
 from ctcspec.bench.run import hf_generate
 from ctcspec.cpu_kernels import (
-    PACKED_KERNELS,
+    INSTALLED_KERNELS,
+    KERNEL_LAYERS,
     PackedLinear,
-    apply_kernels,
+    install_draft_kernels,
+    install_kernels,
     linear_kernels_of,
-    pack_draft_module,
-    pack_linear_layers,
     packing_supported,
     plain_linear_layers,
 )
 from ctcspec.drafters.ctc import CTCDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
+from ctcspec.kernel_choice import apply_kernels
 from ctcspec.models import load_model
 from ctcspec.modules.files import describe_base, load_drafter_module, save_drafter
+from ctcspec.native_linear import native_problem
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.nn.Linear(2, 2)), reason="torch built without oneDNN")
+NATIVE = pytest.mark.skipif(native_problem() is not None, reason=f"native kernel: {native_problem()}")
+KERNELS_HERE = [pytest.param(k, marks=NATIVE) if k.startswith("native") else k for k in INSTALLED_KERNELS]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -62,26 +67,33 @@ def test_packed_linear_falls_back_when_gradients_are_needed():
     assert linear.weight.grad is not None
 
 
-def test_packing_keeps_parameters_and_can_be_undone_for_a_block():
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_installing_kernels_keeps_parameters_and_can_be_undone_for_a_block(kernels):
     plain = tiny_model("gemma")  # ties its LM head to the input embedding
     model = tiny_model("gemma")
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    count = pack_linear_layers(model)
+    count = install_kernels(model, kernels)
     assert count == sum(isinstance(m, torch.nn.Linear) for m in plain.modules()) and count > 0
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before  # shared, nothing copied or lost
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
-    assert linear_kernels_of(model) == "packed"
+    assert linear_kernels_of(model) == kernels
     with plain_linear_layers(model):
         assert linear_kernels_of(model) == "plain"
         assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert linear_kernels_of(model) == "packed"
+    assert linear_kernels_of(model) == kernels
+    other = "packed" if kernels != "packed" else "mixed"
+    install_kernels(model, other)  # from one kernel to another, parameters still shared
+    assert linear_kernels_of(model) == other
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    install_kernels(model, "plain")
+    assert not any(isinstance(m, KERNEL_LAYERS) for m in model.modules())
 
 
-@pytest.mark.parametrize("kernels", PACKED_KERNELS)
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_packed_engine_is_identical_to_hf_generate_on_the_plain_model(arch, kernels):
+def test_kernel_engine_is_identical_to_hf_generate_on_the_plain_model(arch, kernels):
     plain, packed = tiny_model(arch), tiny_model(arch)
-    pack_linear_layers(packed, kernels)
+    install_kernels(packed, kernels)
     for prompt in prompts(12):
         expected = hf_greedy(plain, prompt, 40)  # the oracle runs the unmodified HF model
         for drafter in drafters_for(prompt, expected, packed):
@@ -89,41 +101,42 @@ def test_packed_engine_is_identical_to_hf_generate_on_the_plain_model(arch, kern
             assert got.tokens == expected, f"{arch}/{drafter.name} prompt={prompt[:8]}..."
 
 
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
 @pytest.mark.parametrize("kind", ["ctc", "medusa", "hydra", "eagle"])
-def test_packed_drafters_draft_the_same_trees(kind):
+def test_kernel_drafters_draft_the_same_trees(kind, kernels):
     model = tiny_model("qwen2")
     if kind == "ctc":
         plain, packed = CTCDrafter(tiny_module(model, seed=3), 10), CTCDrafter(tiny_module(model, seed=3), 10)
     else:
         plain, packed = tiny_heads_drafter(model, kind, seed=3, tree_budget=10), \
             tiny_heads_drafter(model, kind, seed=3, tree_budget=10)
-    pack_draft_module(packed.module)
-    assert linear_kernels_of(packed.module) == "packed"
-    pack_linear_layers(model)
+    install_draft_kernels(packed.module, kernels)
+    assert linear_kernels_of(packed.module) == kernels
+    install_kernels(model, kernels)
     for prompt in prompts(6):
         runs = [SpeculativeEngine(model, d).generate(prompt, 30) for d in (plain, packed)]
         assert runs[0].tokens == runs[1].tokens == hf_greedy(model, prompt, 30)
         assert runs[0].stats.steps == runs[1].stats.steps  # same trees, so the same acceptance
 
 
-@pytest.mark.parametrize("kernels", PACKED_KERNELS)
-def test_a_drafter_loads_packed_exactly_when_its_base_runs_packed(tmp_path, kernels):
+@pytest.mark.parametrize("kernels", KERNELS_HERE)
+def test_a_drafter_loads_on_its_base_models_kernels(tmp_path, kernels):
     model = tiny_model("llama")
     save_drafter(tmp_path / "d", tiny_module(model), describe_base(model), dtype=torch.float32)
     assert linear_kernels_of(load_drafter_module(tmp_path / "d", model)[0]) == "plain"
-    pack_linear_layers(model, kernels)  # the LM head fingerprint is unchanged, so the drafter still matches
+    install_kernels(model, kernels)  # the LM head fingerprint is unchanged, so the drafter still matches
     module, _ = load_drafter_module(tmp_path / "d", model)
-    assert linear_kernels_of(module) == kernels and module.packed_head.one_row_stock == (kernels == "mixed")
+    assert linear_kernels_of(module) == kernels == linear_kernels_of(module.kernel_head)
 
 
 def test_hf_generate_in_the_bench_runs_the_stock_layers(monkeypatch):
     model = tiny_model("gemma")
     prompt = prompts(3)[1]
     expected = hf_greedy(model, prompt, 12)
-    pack_linear_layers(model)
+    install_kernels(model, "packed")
 
     def refuse(self, x):
-        raise AssertionError("HF generate ran a packed layer")
+        raise AssertionError("HF generate ran a kernel layer")
 
     monkeypatch.setattr(PackedLinear, "forward", refuse)
     assert hf_generate(model, prompt, 12).tokens == expected
@@ -153,7 +166,7 @@ def test_loaded_weights_live_in_process_memory_not_in_the_checkpoint_mapping(tmp
 
 
 def test_kernel_choice_when_loading(tiny_model_dir):
-    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="auto").model) == "mixed"
+    assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="auto").model) in INSTALLED_KERNELS + ("plain",)
     assert linear_kernels_of(load_model(str(tiny_model_dir), kernels="packed").model) == "packed"
     assert linear_kernels_of(load_model(str(tiny_model_dir)).model) == "plain"  # the library default
     assert linear_kernels_of(load_model(str(tiny_model_dir), dtype="bfloat16", kernels="auto").model) == "plain"
@@ -163,5 +176,5 @@ def test_kernel_choice_when_loading(tiny_model_dir):
         load_model(str(tiny_model_dir), dtype="bfloat16", kernels="mixed")
     with pytest.raises(ValueError, match="unknown kernels"):
         apply_kernels(tiny_model("llama"), "fast")
-    with pytest.raises(ValueError, match="do not pack"):
-        pack_linear_layers(tiny_model("llama"), "plain")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        install_kernels(tiny_model("llama"), "auto")

@@ -16,9 +16,13 @@ from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.modules.files import shipped_drafter_dir
+from ctcspec.native_linear import native_problem
 from ctcspec.prompts import encode_chat
 
 pytestmark = pytest.mark.slow
+NATIVE = pytest.mark.skipif(native_problem() is not None, reason=f"native kernel: {native_problem()}")
+NATIVE_KERNELS = ("native", "native-packed")
+KERNELS = ["plain", "mixed", "packed", *(pytest.param(k, marks=NATIVE) for k in NATIVE_KERNELS)]
 
 PROMPTS = [
     "Write a Python function that reverses a linked list.",
@@ -52,7 +56,7 @@ def hf_answers(smollm2):
     return [(prompt, hf_greedy(smollm2.model, prompt, 96, eos=eos[0])) for prompt in prompts]
 
 
-@pytest.mark.parametrize("kernels", ["plain", "mixed", "packed"])
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
     model = smollm2.model
     if kernels != "plain":

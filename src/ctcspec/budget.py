@@ -26,7 +26,8 @@ import torch
 
 from ctcspec.backends import Backend
 from ctcspec.drafters.base import Drafter, DraftRequest
-from ctcspec.models import ctcspec_home
+from ctcspec.home import ctcspec_home
+from ctcspec.native_linear import cpu_description, source_digest
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
 
@@ -63,8 +64,8 @@ def cost_cache_path(backend: Backend, sizes: tuple[int, ...]):
     model = backend.model
     key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
                       "dtype": str(model.dtype), **backend.describe(),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "sizes": list(sizes)}, sort_keys=True)
+                      "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_description(),
+                      "native_source": source_digest(), "sizes": list(sizes)}, sort_keys=True)
     return ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 

