@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from ctcspec.backends import HFBackend
-from ctcspec.cpu_kernels import PackedLinear, install_kernels, plain_linear_layers
+from ctcspec.cpu_kernels import PackedLinear, install_kernels, plain_layer, plain_linear_layers
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
@@ -66,7 +66,7 @@ def main() -> None:
 def product_table(model: torch.nn.Module, rounds: int, calls: int = 200) -> None:
     """One linear layer alone (in cache, no model around it): microseconds per call by row count."""
     layer = next(m for m in model.modules() if isinstance(m, PackedLinear) and m.out_features > m.in_features)
-    plain = layer.to_plain()
+    plain = plain_layer(layer.weight, layer.bias)
     times = {(kind, rows): [] for kind in ("plain", "packed") for rows in PRODUCT_ROWS}
     for _ in range(rounds):
         for rows in PRODUCT_ROWS:

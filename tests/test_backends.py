@@ -67,15 +67,17 @@ def test_every_backend_is_identical_to_hf_generate(arch, backend_name):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend_name", sorted(TORCH_BACKENDS))
-def test_half_precision_is_identical_to_hf_generate_on_the_same_half_precision_model(backend_name, dtype):
-    """Lossless at a lower precision means: the same tokens as HF `generate` on the model in that precision."""
+def test_half_precision_on_the_cpu_decodes_plainly_and_refuses_drafters(backend_name, dtype):
+    """Lossless at a lower precision means the same tokens as HF `generate` on the model in that precision. On the
+    CPU a tree's rows round differently from one-token steps there, so only plain decoding runs."""
     model = tiny_model("llama", seed=2).to(dtype)
     backend = TORCH_BACKENDS[backend_name](model)
     for prompt in prompts(6):
-        expected = hf_greedy(model, prompt, 32)
-        for drafter in (VanillaDrafter(), LookupDrafter(min_ngram=1, tree_budget=16), RandomTreeDrafter(3)):
-            got = SpeculativeEngine(model, drafter, backend=backend).generate(prompt, 32)
-            assert got.tokens == expected, f"{dtype}/{backend_name}/{drafter.name} prompt={prompt[:8]}..."
+        got = SpeculativeEngine(model, VanillaDrafter(), backend=backend).generate(prompt, 32)
+        assert got.tokens == hf_greedy(model, prompt, 32), f"{dtype}/{backend_name} prompt={prompt[:8]}..."
+    for drafter in (LookupDrafter(min_ngram=1, tree_budget=16), RandomTreeDrafter(3)):
+        with pytest.raises(CtcspecError, match=f"{drafter.name} drafter .* {str(dtype)[6:]} on the CPU"):
+            SpeculativeEngine(model, drafter, backend=backend)
 
 
 def test_static_cache_grows_keeping_what_it_holds():
@@ -98,7 +100,7 @@ def test_eager_attention_runs_on_the_hf_backend():
     assert type(make_backend(model)) is HFBackend
     with pytest.raises(CtcspecError, match="'eager' is not sdpa"):
         StaticBackend(model)
-    half = tiny_model("llama", seed=2, attn="eager").to(torch.bfloat16)
+    eager = tiny_model("llama", seed=2, attn="eager")
     prompt = prompts(8)[1]
-    got = SpeculativeEngine(half, LookupDrafter(min_ngram=1)).generate(prompt, 32)
-    assert got.tokens == hf_greedy(half, prompt, 32)
+    got = SpeculativeEngine(eager, LookupDrafter(min_ngram=1)).generate(prompt, 32)
+    assert got.tokens == hf_greedy(eager, prompt, 32)

@@ -215,6 +215,11 @@ CASES = {
 }
 CASES["generate: --backend llama.cpp with --gguf q8_0"] = (
     lambda f: _gen(f, "--backend", "llama.cpp", "--gguf", "q8_0"), ("--backend llama.cpp takes --gguf f32",))
+CASES["generate: a drafter on a bfloat16 model on the CPU"] = (
+    lambda f: _gen(f, "--dtype", "bfloat16", "--drafter", "lookup"),
+    ("lookup drafter", "bfloat16 on the CPU", "float32"))
+CASES["bench: drafters on a float16 model on the CPU"] = (
+    lambda f: _bench(f, "--dtype", "float16", "--drafters", "vanilla,lookup"), ("lookup drafter", "float16 on the CPU"))
 CASES["generate: --backend llama.cpp with --dtype bfloat16"] = (
     lambda f: _gen(f, "--backend", "llama.cpp", "--dtype", "bfloat16"), ("llama.cpp runs on the CPU", "--gguf"))
 if importlib.util.find_spec("llama_cpp") is None:  # `make test` builds llama.cpp; a bare install does not

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from conftest import hf_greedy, tiny_model
 from ctcspec.accept import accept_path
 from ctcspec.backends import TORCH_BACKENDS
+from ctcspec.drafters.base import Drafter
 from ctcspec.engine import speculative_step
 from ctcspec.tree import ROOT, TokenTree
 from ctcspec.verify import prefill
@@ -120,7 +121,7 @@ def test_cache_after_many_mixed_steps_equals_one_plain_forward(model_and_truth):
     assert_cache_equals_plain_forward(backend, cache, produced[:-1])
 
 
-class HiddenRecorder:
+class HiddenRecorder(Drafter):
     """A drafter that asks for hidden states and records what it is given (for future model drafters)."""
 
     name = "hidden-recorder"

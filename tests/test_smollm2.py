@@ -14,6 +14,7 @@ from ctcspec.budget import COST_SIZES, budget_plan, choose_tree_budget, cost_cac
 from ctcspec.decoding import eos_ids
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
 from ctcspec.engine import SpeculativeEngine
+from ctcspec.errors import CtcspecError
 from ctcspec.models import DEFAULT_MODEL, load_model
 from ctcspec.modules.files import shipped_drafter_dir
 from ctcspec.native_linear import native_problem
@@ -94,3 +95,16 @@ def test_shipped_drafters_are_small_and_choose_their_budget_from_curve_and_costs
     # the budget the plan rates best, up to the noise of re-timing the drafter (whether drafting beats plain
     # decoding at all is a property of the machine: the benchmarks measure it, the adaptive budget acts on it)
     assert plan.rate(choice) >= 0.8 * plan.rate(plan.best())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_shipped_drafters_load_for_smollm2_in_half_precision_where_only_plain_decoding_runs_on_cpu(smollm2, dtype):
+    half = load_model(dtype=dtype)
+    prompt = encode_chat(half.tokenizer, [{"role": "user", "content": PROMPTS[3]}])
+    got = SpeculativeEngine(half.model, make_drafter("vanilla", half.model)).generate(prompt, 48)
+    assert got.tokens == hf_greedy(half.model, prompt, 48)
+    for kind in ("ctc", "medusa", "hydra", "eagle"):
+        drafter = shipped(kind, half.model)  # the LM head's fingerprint, rounded to this dtype, matches
+        assert next(drafter.module.parameters()).dtype == half.model.dtype
+        with pytest.raises(CtcspecError, match=f"{dtype} on the CPU"):
+            SpeculativeEngine(half.model, drafter)

@@ -191,7 +191,7 @@ class AdaptiveBudget(Drafter):
     def __init__(self, drafter: Drafter, plan: BudgetPlan, prior_steps: float = 4.0, probe_every: int = 8):
         self.drafter, self.plan = drafter, plan
         self.prior_steps, self.probe_every = prior_steps, probe_every
-        self.name, self.needs_hidden_states = drafter.name, drafter.needs_hidden_states
+        self.name, self.needs_hidden_states, self.drafts = drafter.name, drafter.needs_hidden_states, drafter.drafts
         self.acceptance_curve = drafter.acceptance_curve
         self.probe_budget = drafter.tree_budget
         self.reset()

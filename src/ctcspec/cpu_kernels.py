@@ -86,7 +86,9 @@ class NativePackedLinear(NativeLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > NATIVE_ROWS * self.in_features and not torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x)
+        if x.numel() > NATIVE_ROWS * self.in_features:
             return packed_linear(x, self.packed_weight, self.bias)
         return super().forward(x)
 
@@ -107,12 +109,17 @@ def kernels_problem(model: nn.Module, kernels: str) -> str | None:
 
 
 def kernel_layer(weight: torch.Tensor, bias: torch.Tensor | None, kernels: str) -> nn.Linear:
-    """A layer computing `F.linear(x, weight, bias)` on `kernels` (one of INSTALLED_KERNELS), sharing both."""
+    """A layer computing `F.linear(x, weight, bias)` on `kernels` (one of INSTALLED_KERNELS, or plain), sharing
+    both."""
     if kernels == "native":
         return NativeLinear.from_weight(weight, bias)
     if kernels == "native-packed":
         return NativePackedLinear.from_weight(weight, bias)
-    return PackedLinear.from_weight(weight, bias, one_row_stock=kernels == "mixed")
+    if kernels in ("mixed", "packed"):
+        return PackedLinear.from_weight(weight, bias, one_row_stock=kernels == "mixed")
+    if kernels == "plain":
+        return plain_layer(weight, bias)
+    raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(INSTALLED_KERNELS)} or plain")
 
 
 def _slots(model: nn.Module, wanted) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -121,11 +128,12 @@ def _slots(model: nn.Module, wanted) -> list[tuple[nn.Module, str, nn.Module]]:
             if wanted(child)]
 
 
-def _plain_of(linear: nn.Linear) -> nn.Linear:
+def plain_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A stock `nn.Linear` on `weight` and `bias`, shared."""
     plain = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(plain)
-    plain.in_features, plain.out_features = linear.in_features, linear.out_features
-    plain.weight, plain.bias = linear.weight, linear.bias
+    plain.out_features, plain.in_features = weight.shape
+    plain.weight, plain.bias = weight, bias
     return plain
 
 
@@ -140,8 +148,7 @@ def install_kernels(model: nn.Module, kernels: str) -> int:
             raise ValueError(problem)
     slots = _slots(model, lambda m: isinstance(m, nn.Linear))
     for parent, name, linear in slots:
-        plain = linear if type(linear) is nn.Linear else _plain_of(linear)
-        setattr(parent, name, plain if kernels == "plain" else kernel_layer(plain.weight, plain.bias, kernels))
+        setattr(parent, name, kernel_layer(linear.weight, linear.bias, kernels))
     return len(slots)
 
 
@@ -167,7 +174,7 @@ def plain_linear_layers(model: nn.Module):
     """Run a block with the model's original linear layers, restoring the kernel layers afterwards."""
     slots = _slots(model, lambda m: isinstance(m, KERNEL_LAYERS))
     for parent, name, layer in slots:
-        setattr(parent, name, _plain_of(layer))
+        setattr(parent, name, plain_layer(layer.weight, layer.bias))
     try:
         yield model
     finally:

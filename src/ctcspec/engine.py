@@ -22,7 +22,7 @@ from ctcspec.decoding import Decoding, NodeChooser, decoding_for
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
-from ctcspec.verify import node_parents, prefill, verify_tree
+from ctcspec.verify import node_parents, prefill, tree_precision_problem, verify_tree
 
 
 @dataclass
@@ -103,6 +103,8 @@ class SpeculativeEngine:
                  max_tree_budget: int = 64, backend: Backend | None = None):
         if backend is not None and backend.model is not model:
             raise CtcspecError("the backend runs another model than the one given to the engine")
+        if drafter.drafts and (problem := tree_precision_problem(model)):
+            raise CtcspecError(f"the {drafter.name} drafter cannot run losslessly here: {problem}")
         self.backend = backend or make_backend(model)
         self.model = model
         self.drafter = drafter

@@ -35,7 +35,7 @@ from torch import nn
 
 from ctcspec.cpu_kernels import KERNELS, install_kernels, kernel_layer, kernels_problem
 from ctcspec.home import ctcspec_home
-from ctcspec.native_linear import NATIVE_ROWS, cpu_description, source_digest
+from ctcspec.native_linear import NATIVE_ROWS, cpu_description, native_problem, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class KernelChoice:
 
     def describe(self) -> str:
         """One line: the choice, and the timings it was made from."""
+        if not self.milliseconds:
+            return f"kernels {self.kernels}: no other kernel runs this model (they take fp32 models on the CPU)"
         rows = "/".join(str(q) for q in CHOICE_ROWS)
         timings = "; ".join(f"{name} " + "/".join(f"{self.milliseconds[name][q]:.1f}" for q in CHOICE_ROWS)
                             for name in sorted(self.milliseconds, key=lambda n: _score(self.milliseconds[n])))
@@ -77,7 +79,8 @@ def choice_cache_path(model: nn.Module) -> Path:
     shapes = [(m.out_features, m.in_features, m.bias is not None) for m in _linear_layers(model)]
     key = json.dumps({"cpu": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "dtype": str(next(model.parameters()).dtype), "shapes": shapes, "rows": CHOICE_ROWS,
-                      "native_source": source_digest()}, sort_keys=True)
+                      "timed": TIMED_KERNELS, "combined": COMBINED_KERNELS, "native_source": source_digest(),
+                      "native_problem": native_problem()}, sort_keys=True)
     return ctcspec_home() / "kernels" / f"choice-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -86,10 +89,8 @@ def time_kernels(model: nn.Module, kernels: list[str], rounds: int = 7, seed: in
     """Median ms of running every linear layer of `model` once on q rows, per kernel and q in CHOICE_ROWS,
     kernels interleaved round by round (the first round warms up and is dropped)."""
     gen = torch.Generator().manual_seed(seed)
-    plain = [kernel_layer(m.weight, m.bias, "plain") if type(m) is not nn.Linear else m for m in _linear_layers(model)]
-    layers = {name: plain if name == "plain" else [kernel_layer(m.weight, m.bias, name) for m in plain]
-              for name in kernels}
-    inputs = {q: {width: torch.randn(q, width, generator=gen) for width in {m.in_features for m in plain}}
+    layers = {name: [kernel_layer(m.weight, m.bias, name) for m in _linear_layers(model)] for name in kernels}
+    inputs = {q: {width: torch.randn(q, width, generator=gen) for width in {m.in_features for m in layers[kernels[0]]}}
               for q in CHOICE_ROWS}
     seconds: dict[tuple[str, int], list[float]] = {(name, q): [] for name in kernels for q in CHOICE_ROWS}
     for _ in range(rounds + 1):
@@ -125,10 +126,12 @@ def choose_kernels(model: nn.Module, remeasure: bool = False) -> KernelChoice:
         try:
             saved = json.loads(path.read_text())
             saved["milliseconds"] = {k: {int(q): v for q, v in ms.items()} for k, ms in saved["milliseconds"].items()}
-            return KernelChoice(**saved)
+            choice = KernelChoice(**saved)
+            if choice.kernels == "plain" or not kernels_problem(model, choice.kernels):
+                return choice  # else what it chose no longer runs here: measure again
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             pass
-    log.info("measuring this machine's linear-layer kernels once (a few seconds)")
+    log.debug("measuring this machine's linear-layer kernels once (a few seconds)")
     choice = measure_kernel_choice(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
@@ -139,13 +142,12 @@ def choose_kernels(model: nn.Module, remeasure: bool = False) -> KernelChoice:
 
 def apply_kernels(model: nn.Module, kernels: str) -> str:
     """Apply the `--kernels` choice to a freshly loaded model; returns what it runs with. `auto` takes this
-    machine's measured choice (logged with its timings)."""
+    machine's measured choice (logged at debug level with its timings; `ctcspec kernels` prints it)."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
     if kernels == "auto":
         choice = choose_kernels(model)
         kernels = choice.kernels
-        if choice.milliseconds:
-            log.info("%s", choice.describe())
+        log.debug("%s", choice.describe())
     install_kernels(model, kernels)
     return kernels

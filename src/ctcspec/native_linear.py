@@ -24,6 +24,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -36,7 +37,9 @@ from torch import nn
 from ctcspec.home import ctcspec_home
 
 SOURCE = Path(__file__).with_name("csrc") / "linear_f32.cpp"
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# No fast-math and no FMA contraction: the kernel's summation order is the one its source writes.
+COMPILE_FLAGS = ("-O3", "-march=native", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+                 "-std=c++17")
 REQUIRED_CPU_FLAGS = ("avx512f",)
 
 
@@ -55,10 +58,14 @@ def cpu_description() -> dict[str, str]:
     return {"model": fields.get("model name", platform.processor() or platform.machine()), "flags": " ".join(flags)}
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+def _compiler() -> list[str] | None:
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("c++") or shutil.which("g++")
+    return [found] if found else None
 
 
+@functools.cache
 def native_problem() -> str | None:
     """Why the native kernel cannot run on this machine, or None when it can (building it if need be)."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -79,8 +86,8 @@ def source_digest() -> str:
     return hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
 
 
-def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256("\0".join([source_digest(), compiler, repr(sorted(cpu_description().items()))]).encode())
+def _library_path(compiler: list[str]) -> Path:
+    key = hashlib.sha256("\0".join([source_digest(), *compiler, repr(sorted(cpu_description().items()))]).encode())
     key = key.hexdigest()[:16]
     return ctcspec_home() / "kernels" / key / "linear_f32.so"
 
@@ -96,15 +103,19 @@ def _library() -> ctypes.CDLL:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as staging:
             built = Path(staging) / path.name
-            result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)],
-                                    capture_output=True, text=True)
+            try:
+                result = subprocess.run([*compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)],
+                                        capture_output=True, text=True, timeout=300)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"building {SOURCE.name} with {compiler[0]} took over 300 s") from None
             if result.returncode != 0:
-                first = (result.stderr.strip().splitlines() or ["no output"])[0]
-                raise RuntimeError(f"building {SOURCE.name} with {compiler} failed: {first}")
+                lines = result.stderr.strip().splitlines() or ["no output"]
+                first = next((line for line in lines if "error" in line), lines[0])
+                raise RuntimeError(f"building {SOURCE.name} with {compiler[0]} failed: {first}")
             os.replace(built, path)  # atomic: processes building side by side never load half a file
     library = ctypes.CDLL(str(path))
     library.ctcspec_linear_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+                                           ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     library.ctcspec_linear_f32.restype = None
     return library
 
@@ -126,7 +137,7 @@ def native_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
     _library().ctcspec_linear_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], packed.data_ptr(), out_features,
-                                  None if bias is None else bias.data_ptr(), out.data_ptr())
+                                  None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -147,6 +158,7 @@ class NativeLinear(nn.Linear):
         return native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return super().forward(x)
+        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or x.dtype != torch.float32 \
+                or x.device.type != "cpu" or x.shape[-1] != self.in_features:
+            return super().forward(x)  # gradients, or an input the kernel does not take: the stock layer decides
         return native_linear(x, self.native_weight, self.out_features, self.native_bias)

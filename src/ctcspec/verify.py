@@ -21,6 +21,20 @@ class VerifyResult:
     hidden: torch.Tensor | None       # last-layer hidden state per node, shape (nodes, hidden), if asked
 
 
+def tree_precision_problem(model: torch.nn.Module) -> str | None:
+    """Why verifying trees would not give this model's own one-token decoding, or None. On the CPU, reduced
+    precision rounds a several-row product differently from a one-row one, and bf16/fp16 round every layer's
+    output, so a tree node's logits drift from the one-token step's and greedy choices change (SmolLM2 in bf16
+    on the AMD EPYC kind: prompt lookup left plain bf16 decoding on 5 of 8 requests; docs/kernels.md). fp32
+    keeps the difference at the summation order, and decoding is tested identical to HF `generate`."""
+    parameter = next(model.parameters())
+    if parameter.device.type == "cpu" and parameter.dtype in (torch.bfloat16, torch.float16):
+        dtype = str(parameter.dtype).removeprefix("torch.")
+        return (f"{dtype} on the CPU rounds a tree's rows differently from one-token steps, so the output would "
+                f"drift from model.generate; use --dtype float32 (the fastest on CPU) or --drafter vanilla")
+    return None
+
+
 def node_parents(tree: TokenTree) -> list[int]:
     """Parents over the verification nodes: node 0 is the root, draft node i becomes node i + 1."""
     return [-1] + [0 if p == ROOT else p + 1 for p in tree.parents]

@@ -21,19 +21,18 @@ constexpr long kRowTile = 4;    // rows of x served by one pass over a block (mo
 // The outputs of one packed block (the first `valid` of its four are real) for R rows of x: one pass over the
 // block serves all R rows.
 template <int R>
-inline __attribute__((always_inline)) void tile(const float* block, long in, const float* x, float* y, long out,
-                                                const float* bias, long valid) {
+inline __attribute__((always_inline)) void tile(const float* block, long in, long next_block, const float* x, float* y,
+                                                long out, const float* bias, long valid) {
   constexpr int O = kBlockRows;
   __m512 acc[O][R];
   for (int o = 0; o < O; o++)
     for (int r = 0; r < R; r++) acc[o][r] = _mm512_setzero_ps();
-  const long next_block = ((in + kLanes - 1) / kLanes) * kBlockRows * kLanes;
   long k = 0;
   const float* w = block;
   for (; k + kLanes <= in; k += kLanes, w += kBlockRows * kLanes) {
     __m512 xv[R];
     for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * in + k);
-    if (R > 1)  // the arithmetic of several rows outpaces the hardware prefetcher: fetch the next block meanwhile
+    if (R > 1)  // several rows' arithmetic outpaces the hardware prefetcher: fetch the next block (0: the last) now
       for (int o = 0; o < O; o++) _mm_prefetch(reinterpret_cast<const char*>(w + next_block + o * kLanes), _MM_HINT_T0);
     for (int o = 0; o < O; o++) {
       const __m512 wv = _mm512_loadu_ps(w + o * kLanes);
@@ -57,13 +56,13 @@ inline __attribute__((always_inline)) void tile(const float* block, long in, con
 }
 
 // One to four rows (n): the whole block in one pass.
-inline void row_tile(long n, const float* block, long in, const float* x, float* y, long out, const float* bias,
-                     long valid) {
+inline void row_tile(long n, const float* block, long in, long next_block, const float* x, float* y, long out,
+                     const float* bias, long valid) {
   switch (n) {
-    case 1: tile<1>(block, in, x, y, out, bias, valid); break;
-    case 2: tile<2>(block, in, x, y, out, bias, valid); break;
-    case 3: tile<3>(block, in, x, y, out, bias, valid); break;
-    default: tile<4>(block, in, x, y, out, bias, valid); break;
+    case 1: tile<1>(block, in, next_block, x, y, out, bias, valid); break;
+    case 2: tile<2>(block, in, next_block, x, y, out, bias, valid); break;
+    case 3: tile<3>(block, in, next_block, x, y, out, bias, valid); break;
+    default: tile<4>(block, in, next_block, x, y, out, bias, valid); break;
   }
 }
 
@@ -71,27 +70,22 @@ inline void row_tile(long n, const float* block, long in, const float* x, float*
 
 extern "C" {
 
-// Floats of the packed copy of an out x in weight.
-long ctcspec_packed_size(long out, long in) {
-  return (out + kBlockRows - 1) / kBlockRows * ((in + kLanes - 1) / kLanes) * kBlockRows * kLanes;
-}
-
-// x: rows x in, packed: ctcspec_packed_size(out, in) floats, bias: out or null, y: rows x out; fp32, contiguous.
-// Rows go four at a time (the last group 1-4); blocks of four outputs are shared among the OpenMP threads
-// (the runtime torch already loaded), a small product not at all.
+// x: rows x in, packed: the packed copy of an out x in weight (ceil(out / 4) * ceil(in / 16) * 64 floats), bias:
+// out or null, y: rows x out; fp32, contiguous. Rows go four at a time (the last group 1-4); blocks of four outputs
+// are shared among `threads` OpenMP threads (the runtime torch already loaded), a small product's not.
 void ctcspec_linear_f32(const float* x, long rows, long in, const float* packed, long out, const float* bias,
-                        float* y) {
+                        float* y, int threads) {
   const long blocks = (out + kBlockRows - 1) / kBlockRows;
   const long block_floats = ((in + kLanes - 1) / kLanes) * kBlockRows * kLanes;
-  const bool parallel = blocks * in * rows >= (1L << 16);
-#pragma omp parallel for schedule(static) if (parallel)
+  const bool parallel = threads > 1 && blocks * in * rows >= (1L << 16);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
   for (long b = 0; b < blocks; b++) {
     const long first = b * kBlockRows;
     const long valid = out - first;
     for (long r = 0; r < rows; r += kRowTile) {
       const long n = rows - r < kRowTile ? rows - r : kRowTile;
-      row_tile(n, packed + b * block_floats, in, x + r * in, y + r * out + first, out,
-                bias ? bias + first : nullptr, valid);
+      row_tile(n, packed + b * block_floats, in, b + 1 < blocks ? block_floats : 0, x + r * in,
+               y + r * out + first, out, bias ? bias + first : nullptr, valid);
     }
   }
 }

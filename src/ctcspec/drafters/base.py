@@ -28,6 +28,7 @@ class DraftRequest:
 
 class Drafter(ABC):
     name: str = "drafter"
+    drafts: bool = True                            # proposes draft tokens (False: plain decoding, one token a step)
     needs_hidden_states: bool = False
     tree_budget: int | None = None                 # draft nodes per step, for drafters that take a budget
     acceptance_curve: dict[int, float] | None = None  # held-out mean accepted draft tokens per tree budget

@@ -6,6 +6,7 @@ from ctcspec.tree import TokenTree
 
 class VanillaDrafter(Drafter):
     name = "vanilla"
+    drafts = False
 
     def propose(self, request: DraftRequest) -> TokenTree:
         return TokenTree()

@@ -31,10 +31,16 @@ TRAINING_KEYS = ("steps", "planned_steps", "train_samples", "heldout_samples", "
                  "device", "data")
 
 
-def head_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the LM head weights (fp32, CPU): identical only for the same base model weights."""
-    weight, _ = base_head(model)
-    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # a base model may run in these too
+
+
+def head_fingerprint(model: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
+    """sha256 of the LM head weights (as fp32, CPU), first rounded to `rounded_to` if given: identical only for
+    the same base model weights."""
+    weight = base_head(model)[0].detach()
+    if rounded_to is not None:
+        weight = weight.to(rounded_to)
+    data = weight.to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -45,8 +51,21 @@ def describe_base(model: torch.nn.Module) -> dict:
             "vocab_size": base_head(model)[0].shape[0], "lm_head_sha256": head_fingerprint(model)}
 
 
+def drafter_base(model: torch.nn.Module) -> dict:
+    """What a saved drafter records of its base model: `describe_base`, and for an fp32 base its LM head's
+    fingerprint rounded to each of ROUNDED_DTYPES, so the drafter serves the same model loaded in those too."""
+    base = describe_base(model)
+    if base_head(model)[0].dtype == torch.float32:
+        base["lm_head_sha256_rounded"] = {name: head_fingerprint(model, rounded)
+                                          for name, rounded in ROUNDED_DTYPES.items()}
+    return base
+
+
 def check_base(expected: dict, model: torch.nn.Module, where: str) -> None:
     actual = describe_base(model)
+    dtype = str(base_head(model)[0].dtype).removeprefix("torch.")
+    if expected.get("lm_head_sha256_rounded", {}).get(dtype) == actual["lm_head_sha256"]:
+        actual["lm_head_sha256"] = expected["lm_head_sha256"]  # the drafter's fp32 base, loaded in this dtype
     for key in BASE_KEYS:
         if expected.get(key) != actual[key]:
             raise CtcspecError(

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
 from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, TRAINING_ONLY, CTCConfig
-from ctcspec.modules.files import describe_base, load_trained_weights, read_drafter, save_drafter
+from ctcspec.modules.files import drafter_base, load_trained_weights, read_drafter, save_drafter
 from ctcspec.modules.heads import HeadsConfig
 from ctcspec.modules.layers import LAYER_INITS, base_rope_theta, copy_base_layer
 from ctcspec.training.data import (
@@ -274,7 +274,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
                    "final_loss": None if smoothed is None else round(smoothed, 4), "config": asdict(config)}
         if init is not None:
             summary["warm_start"] = warm_start_record(config.init_from, init[0])
-        save_drafter(out_dir, inner, describe_base(model),
+        save_drafter(out_dir, inner, drafter_base(model),
                      {"training": summary, "acceptance_curve": {t: {str(b): a for b, a in c.items()}
                                                                 for t, c in curves.items()}})
         summary["acceptance_curve"] = curves
