@@ -22,8 +22,9 @@ from ctcspec.prompts import encode_chat
 
 pytestmark = pytest.mark.slow
 NATIVE = pytest.mark.skipif(native_problem() is not None, reason=f"native kernel: {native_problem()}")
-NATIVE_KERNELS = ("native", "native-packed")
-KERNELS = ["plain", "mixed", "packed", *(pytest.param(k, marks=NATIVE) for k in NATIVE_KERNELS)]
+# The stock layers, and the kernels `auto` takes on the machines measured so far (docs/kernels.md); every kernel
+# choice runs against HF generate on the tiny models (tests/test_cpu_kernels.py).
+KERNELS = ["plain", "mixed", pytest.param("native-packed", marks=NATIVE)]
 
 PROMPTS = [
     "Write a Python function that reverses a linked list.",
