@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -26,7 +24,7 @@ import torch
 
 from ctcspec.backends import Backend
 from ctcspec.drafters.base import Drafter, DraftRequest
-from ctcspec.home import ctcspec_home
+from ctcspec.home import ctcspec_home, write_cache_json
 from ctcspec.native_linear import cpu_description, source_digest
 from ctcspec.tree import TokenTree
 from ctcspec.verify import prefill, verify_tree
@@ -79,10 +77,7 @@ def machine_cost_curve(backend: Backend, sizes: tuple[int, ...] = COST_SIZES) ->
         pass
     log.info("measuring this machine's verification cost curve once (a few seconds)")
     curve = verify_cost_curve(backend, list(sizes))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(curve, tmp)
-    os.replace(tmp.name, path)  # atomic: two runs side by side never see half a file
+    write_cache_json(path, curve)
     return curve
 
 

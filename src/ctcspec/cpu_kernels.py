@@ -140,12 +140,8 @@ def plain_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def install_kernels(model: nn.Module, kernels: str) -> int:
     """Make every linear layer of `model` run `kernels` (one of INSTALLED_KERNELS, or plain), in place, whatever
     it ran before; returns how many layers."""
-    if kernels != "plain":
-        if kernels not in INSTALLED_KERNELS:
-            raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(INSTALLED_KERNELS)} or plain")
-        problem = kernels_problem(model, kernels)
-        if problem:
-            raise ValueError(problem)
+    if kernels in INSTALLED_KERNELS and (problem := kernels_problem(model, kernels)):
+        raise ValueError(problem)  # an unknown name: kernel_layer refuses it
     slots = _slots(model, lambda m: isinstance(m, nn.Linear))
     for parent, name, linear in slots:
         setattr(parent, name, kernel_layer(linear.weight, linear.bias, kernels))

@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 from torch import nn
 
 from ctcspec.cpu_kernels import KERNELS, install_kernels, kernel_layer, kernels_problem
-from ctcspec.home import ctcspec_home
+from ctcspec.home import ctcspec_home, write_cache_json
 from ctcspec.native_linear import NATIVE_ROWS, cpu_description, native_problem, source_digest
 
 log = logging.getLogger(__name__)
@@ -133,10 +131,7 @@ def choose_kernels(model: nn.Module, remeasure: bool = False) -> KernelChoice:
             pass
     log.debug("measuring this machine's linear-layer kernels once (a few seconds)")
     choice = measure_kernel_choice(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(asdict(choice), tmp)
-    os.replace(tmp.name, path)  # atomic: two runs side by side never see half a file
+    write_cache_json(path, asdict(choice))
     return choice
 
 
