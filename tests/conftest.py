@@ -68,8 +68,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def save_tiny_model_dir(path, arch: str = "llama", max_positions: int = 320):
-    """A complete model directory (weights + a word-level tokenizer) for CLI tests."""
+def save_tiny_model_dir(path, arch: str = "llama", max_positions: int = 320, **config_overrides):
+    """A complete model directory (weights + a word-level tokenizer) for CLI tests; `config_overrides` set
+    fields of the architecture's tiny config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,6 +82,8 @@ def save_tiny_model_dir(path, arch: str = "llama", max_positions: int = 320):
     tokenizer.chat_template = CHAT_TEMPLATE
     config = ARCHS[arch]()
     config.max_position_embeddings = max_positions
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = None

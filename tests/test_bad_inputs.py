@@ -180,7 +180,7 @@ CASES = {
         lambda f: _gen(f, "--model", f.model_gemma, "--backend", "static"),
         ("static backend cannot run this model", "'gemma'", "--backend hf")),
     "bench: unknown --peers": (
-        lambda f: _bench(f, "--peers", "vllm"), ("--peers", "unknown peer 'vllm'")),
+        lambda f: _bench(f, "--peers", "sglang"), ("--peers", "unknown peer 'sglang'")),
     "generate: --temperature negative": (
         lambda f: _gen(f, "--temperature", "-1"), ("--temperature", "0 or at least 1e-05, got -1")),
     "generate: --top-p above 1": (

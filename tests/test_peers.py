@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctcspec.bench.peers import PEERS, make_peer
+from ctcspec.bench.peers import LLAMA_CPP_PEERS, make_peer
 from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError
 from ctcspec.gguf import check_vocab, converter_path, gguf_path, import_llama_cpp
@@ -51,7 +51,7 @@ def test_missing_converter_is_a_ctcspec_error(monkeypatch, tmp_path):
 
 def test_unknown_peer():
     with pytest.raises(CtcspecError, match="unknown peer"):
-        make_peer("vllm", ".", threads=1, eos_ids=[])
+        make_peer("sglang", ".", threads=1, eos_ids=[])
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def peers(smollm2):
             pytest.skip(str(exc))
     eos = sorted(eos_ids(smollm2.model.generation_config))
     yield {name: make_peer(name, smollm2.path, threads=1, eos_ids=eos, tokenizer=smollm2.tokenizer)
-           for name in PEERS}
+           for name in LLAMA_CPP_PEERS}
     if made:
         target.unlink(missing_ok=True)
     if linked:

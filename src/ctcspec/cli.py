@@ -7,6 +7,7 @@ used) ends in one line on stderr and exit code 2; library code raises `CtcspecEr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import torch
 from ctcspec import __version__
 from ctcspec.backends import BACKENDS, Backend, LlamaCppBackend, make_backend
 from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
-from ctcspec.bench.peers import PEERS, import_llama_speculative, make_peer
+from ctcspec.bench.peers import LLAMA_CPP_PEERS, PEERS, import_llama_speculative, make_peer, peer_names, peers_problem
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
@@ -56,6 +57,7 @@ from ctcspec.training.compare import (
     vocabulary_coverage,
 )
 from ctcspec.training.distill import (
+    DISTILL_ENGINES,
     STYLED_COUNT,
     distill,
     float32_agreement,
@@ -65,8 +67,10 @@ from ctcspec.training.distill import (
     self_instruct,
     styled_prompts,
     templated_prompts,
+    vllm_answers,
 )
 from ctcspec.training.train import TrainConfig, summary_json, train
+from ctcspec.vllm_engine import VllmEngine, vllm_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -184,7 +188,7 @@ def _add_kernel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", default="f32", choices=PRECISIONS,
                    help="weights of the GGUF that llama.cpp runs, converted from --model once (default: f32, as the "
                         "model); the llama.cpp backend takes f32 (f16 and q8_0 are not lossless there), "
-                        "bench's peers any")
+                        "bench's llama.cpp peers any")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="fp32 CPU kernels of the linear layers: native = ctcspec's AVX-512 kernel, compiled here "
                         "(every row rounds as a one-row product); native-packed = native up to 4 rows, oneDNN-packed "
@@ -379,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     bench.add_argument("--peers", type=peer_list, default=[],
                        help=f"comma-separated peer systems run side by side on the same prompt ids and threads, from: "
-                            f"{', '.join(PEERS)}; 'llama.cpp' alone runs both (needs `make peers`, docs/llama_cpp.md)")
+                            f"{', '.join(PEERS)}; a family's name ('llama.cpp', 'vllm') runs its two peers unless the "
+                            f"other is named too (llama.cpp needs `make peers`, docs/llama_cpp.md; vLLM `make vllm`, "
+                            f"docs/vllm.md)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"),
                        help="output directory: turns.jsonl (every turn, saved question by question), run.json (the "
                             "settings), report.md, report.json, plot.png, answers/<drafter>.jsonl (default: "
@@ -414,8 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start no new batch after this many seconds from the command's start (what is "
                               "answered is kept; run again to answer the rest)")
     distill.add_argument("--check-float32", type=non_negative_int, default=0, metavar="N",
-                         help="with --dtype bfloat16/float16: answer the first N answers of DIR again in float32 and "
-                              "report how far they agree (default: 0, no check)")
+                         help="with --dtype bfloat16/float16 or --engine vllm: answer the first N prompts of DIR again "
+                              "with HF generate in float32 (--engine vllm: one prompt at a time) and report how far "
+                              "the answers agree (default: 0, no check)")
+    distill.add_argument("--engine", default="hf", choices=DISTILL_ENGINES,
+                         help="what answers the prompts: hf = HF generate on left-padded batches (default); vllm = "
+                              "vLLM's continuous batching over each batch, in its own environment (`make vllm`, "
+                              "docs/vllm.md; --batch-size 64 or more suits it); --self-instruct always uses HF")
     distill.add_argument("--max-new-tokens", type=positive_int, default=256)
     distill.add_argument("--batch-size", type=positive_int, default=16)
     distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
@@ -501,8 +512,11 @@ def base_in_llama_cpp(args) -> bool:
 
 def check_llama_cpp(args) -> None:
     """Before loading or converting anything: say what llama.cpp needs and is missing, for the backend and for
-    bench's peers."""
-    peers = bool(getattr(args, "peers", None))
+    bench's peers (and what vLLM's peers need)."""
+    peers = any(name in LLAMA_CPP_PEERS for name in getattr(args, "peers", None) or ())
+    problem = peers_problem(getattr(args, "peers", None) or ())
+    if problem:
+        raise CtcspecError(problem)
     if base_in_llama_cpp(args):
         if args.device != "cpu" or args.dtype != "float32":
             raise CtcspecError("llama.cpp runs on the CPU beside a float32 model: drop --device and --dtype "
@@ -633,20 +647,31 @@ def bench_drafter_names(args, dirs: dict[str, Path]) -> list[str]:
 
 
 def peer_list(text: str) -> list[str]:
-    """--peers: names from PEERS; the bare family name 'llama.cpp' means every llama.cpp peer."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if names == ["llama.cpp"]:
-        return list(PEERS)
-    unknown = [n for n in names if n not in PEERS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
-    return list(dict.fromkeys(names))
+    """--peers: comma-separated names from PEERS (bench/peers.py: peer_names)."""
+    try:
+        return peer_names([t.strip() for t in text.split(",") if t.strip()])
+    except CtcspecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_peers(args, loaded: LoadedModel) -> dict:
+def uses_gguf(args) -> bool:
+    """Whether --gguf matters: llama.cpp runs the base model or one of bench's peers."""
+    return base_in_llama_cpp(args) or any(name in LLAMA_CPP_PEERS for name in getattr(args, "peers", None) or ())
+
+
+def build_peers(args, loaded: LoadedModel, peers: dict) -> dict:
+    """--peers, started one by one into `peers` (so that the caller can close those started when a later one
+    fails)."""
     threads = args.threads or torch.get_num_threads()
-    return {name: make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.gguf,
-                            tokenizer=loaded.tokenizer) for name in args.peers}
+    for name in args.peers:
+        peers[name] = make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.gguf,
+                                tokenizer=loaded.tokenizer, dtype=dtype_name(args.dtype))
+    return peers
+
+
+def dtype_name(text: str) -> str:
+    """--dtype as torch names it (float32, bfloat16, float16), the names vLLM takes."""
+    return str(parse_dtype(text)).removeprefix("torch.")
 
 
 def _abspath(path) -> str:
@@ -670,7 +695,7 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "gguf": args.gguf if args.peers or base_in_llama_cpp(args) else None, **sampling}
+            "threads": args.threads, "gguf": args.gguf if uses_gguf(args) else None, **sampling}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -693,7 +718,7 @@ def cmd_bench(args) -> int:
     names = bench_drafter_names(args, dirs)  # before loading anything
     settings = generation_settings(args)
     if args.peers and settings != GREEDY:
-        raise CtcspecError("--peers: the llama.cpp peers decode greedily only, without sampling or logits processors; "
+        raise CtcspecError("--peers: the peers decode greedily only, without sampling or logits processors; "
                            "drop --peers or the decoding flags")
     bench_name = args.questions
     args.questions = resolve_bench(args.questions, args.data_dir)
@@ -706,18 +731,19 @@ def cmd_bench(args) -> int:
     in_effect, seed = settings_in_effect(loaded.model, settings), bench_seed(args)
     processors = decoding_for(loaded.model, [0], max_new_tokens=1, **settings).processors
     if args.peers and processors:
-        raise CtcspecError(f"--peers: llama.cpp decodes plain greedy, without the logits processors these settings or "
+        raise CtcspecError(f"--peers: the peers decode plain greedy, without the logits processors these settings or "
                            f"the model's generation_config ask for ({', '.join(type(p).__name__ for p in processors)})")
     drafters = {name: build_drafter(name, args, backend, dirs) for name in names}
-    runners = system_runners(backend, drafters, build_peers(args, loaded), settings)
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
             "command": "ctcspec " + " ".join(sys.argv[1:]), "max_new_tokens": args.max_new_tokens,
             "device": args.device, "dtype": args.dtype, **environment(), **backend.describe(),
             "cpu_count": os.cpu_count(), "per_category": args.per_category, "limit": args.limit,
             "drafter_settings": {n: d.settings() for n, d in drafters.items()},
             "settings_in_effect": in_effect, "seed": seed,
-            **({"gguf": args.gguf} if args.peers or base_in_llama_cpp(args) else {})}
+            **({"gguf": args.gguf} if uses_gguf(args) else {})}
+    peers: dict = {}
     try:
+        runners = system_runners(backend, drafters, build_peers(args, loaded, peers), settings)
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
                                        start=store.n_done, seed=seed,
                                        scorer=loglik_scorer(loaded.model, in_effect)):
@@ -727,6 +753,9 @@ def cmd_bench(args) -> int:
         print(f"ctcspec: interrupted after {store.n_done} of {len(questions)} questions; rerun with --resume to "
               "continue", file=sys.stderr)
         return 130
+    finally:
+        for peer in peers.values():
+            peer.close()
     write_bench_outputs(store, meta)
     return 0
 
@@ -742,8 +771,12 @@ def cmd_distill(args) -> int:
     sources = [(str(path), read_prompt_file(path)) for path in args.prompts]
     sources += [("--templated", templated_prompts())] if args.templated else []
     sources += [("--styled", styled_prompts())] if args.styled else []
-    if args.check_float32 and parse_dtype(args.dtype) == torch.float32:
-        raise CtcspecError("--check-float32 compares a lower precision with float32: give --dtype bfloat16 or float16")
+    if args.check_float32 and parse_dtype(args.dtype) == torch.float32 and args.engine == "hf":
+        raise CtcspecError("--check-float32 compares a lower precision or vLLM with HF in float32: give --dtype "
+                           "bfloat16 or float16, or --engine vllm")
+    problem = vllm_problem() if args.engine == "vllm" else None
+    if problem:
+        raise CtcspecError(problem)
     prompts = []
     for what, group in sources:
         chosen = group[:args.limit] if args.round is None else round_slice(group, args.round, args.round_size)
@@ -759,12 +792,18 @@ def cmd_distill(args) -> int:
         seed = args.seed if args.seed is not None else args.round or 0
         prompts += self_instruct(loaded.model, loaded.tokenizer, args.self_instruct, args.out,
                                  batch_size=max(args.batch_size, 8), seed=seed, deadline=deadline)
-    stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
-                    deadline=deadline)
+    with contextlib.ExitStack() as stack:
+        answer_batch = None
+        if args.engine == "vllm":
+            engine = stack.enter_context(VllmEngine(loaded.path, args.threads or torch.get_num_threads(),
+                                                    dtype=dtype_name(args.dtype)))
+            answer_batch = vllm_answers(engine, loaded.model, loaded.tokenizer, args.max_new_tokens)
+        stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
+                        deadline=deadline, answer_batch=answer_batch, engine=args.engine)
     if args.check_float32:
         checked = read_samples(args.out)[:args.check_float32]
         stats["float32_check"] = float32_agreement(loaded.model, loaded.tokenizer, checked, args.max_new_tokens,
-                                                   args.batch_size)
+                                                   1 if args.engine == "vllm" else args.batch_size)
     print(json.dumps(stats))
     print(f"distilled {len(prompts)} prompts into {stats['path']} ({stats['answered']} answered now, "
           f"{stats['tokens_per_s']} answer tokens/s)", file=sys.stderr)

@@ -1,12 +1,14 @@
-"""llama.cpp as a peer system: its plain greedy decoding and its prompt-lookup decoding, through llama-cpp-python.
+"""Peer systems: llama.cpp's plain greedy decoding and its prompt-lookup decoding, through llama-cpp-python, and
+vLLM's plain greedy decoding and its n-gram speculation, in vLLM's own environment (ctcspec/vllm_engine.py).
 
 A peer takes the same prompt token ids as ctcspec's engines (HF tokenizer ids, passed straight in: the GGUF is
 converted from the same model directory, and `check_vocab` refuses a GGUF whose id -> piece map differs) and
 returns a `PeerResult` measured like the engine measures itself: new tokens (EOS included, nothing after it),
 base decode calls (prompt evaluation included) and the seconds from the start of prompt evaluation to the last
-token. Both peers are exactly greedy (argmax, no penalties, no sampling).
+token. Every peer is exactly greedy (argmax, no penalties, no sampling) and runs one request at a time.
 
-Setup: `make peers` (docs/llama_cpp.md); the GGUF comes from ctcspec.gguf.
+Setup: `make peers` for llama.cpp (docs/llama_cpp.md; the GGUF comes from ctcspec.gguf), `make vllm` for vLLM
+(docs/vllm.md; vLLM loads the model directory itself, in --dtype).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from pathlib import Path
 
 from ctcspec.errors import CtcspecError
 from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, gguf_for, import_llama_cpp
+from ctcspec.vllm_engine import VllmEngine, vllm_problem
+
+# vLLM's n-gram speculation: up to 5 draft tokens after the last earlier match of the last 4, 3 or 2 tokens (vLLM's
+# default, matches of exactly 5, seldom drafts in chat answers of a small model).
+VLLM_NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
 
 @dataclass
@@ -62,6 +69,17 @@ class LlamaCppPeer:
         self._llm = None
         self._decodes = 0
         self.max_context = int(self._llama_cpp.llama_model_n_ctx_train(self._load(512).model))
+
+    @classmethod
+    def open(cls, model_dir: str | Path, threads: int, eos_ids: Iterable[int], precision: str = "f32",
+             tokenizer=None, **_) -> LlamaCppPeer:
+        """The peer on the GGUF of `model_dir` at `precision`, converted on first use; with `tokenizer` (the HF
+        tokenizer of `model_dir`), its ids are checked against the GGUF's first."""
+        import_llama_speculative()  # say what is missing before converting anything
+        peer = cls(gguf_for(model_dir, precision), threads, eos_ids, precision)
+        if tokenizer is not None:
+            check_vocab(peer._llm.model, tokenizer)
+        return peer
 
     def _draft_model(self):
         return None
@@ -145,18 +163,75 @@ class LlamaCppLookupPeer(LlamaCppPeer):
                                                      num_pred_tokens=self.num_pred_tokens)
 
 
-PEER_CLASSES = {peer.name: peer for peer in (LlamaCppPeer, LlamaCppLookupPeer)}
-PEERS = tuple(PEER_CLASSES)  # the one list of peer names
+class VllmPeer:
+    """vLLM's greedy decoding of one request at a time (its continuous batching with one sequence), float32 by
+    default, through `VllmEngine`. Steps are vLLM's engine steps: one base forward each, prefill included."""
+
+    name = "vllm"
+    speculative_config: dict | None = None
+
+    def __init__(self, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32"):
+        self.eos = sorted(int(t) for t in eos_ids)
+        self.engine = VllmEngine(model_dir, threads, self.speculative_config, dtype)
+
+    @classmethod
+    def open(cls, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32",
+             **_) -> VllmPeer:
+        return cls(model_dir, threads, eos_ids, dtype)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> PeerResult:
+        if not prompt_ids:
+            raise CtcspecError("the prompt is empty")
+        context = self.engine.max_model_len
+        if len(prompt_ids) >= context:
+            raise CtcspecError(f"the prompt has {len(prompt_ids)} tokens; vLLM's context is {context}")
+        limit = min(max_new_tokens, context - len(prompt_ids))  # as ctcspec's engine stops at the context
+        result = self.engine.generate([prompt_ids], limit, self.eos)
+        return PeerResult(result.outputs[0], result.steps, result.seconds)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class VllmNgramPeer(VllmPeer):
+    """vLLM's n-gram speculation (VLLM_NGRAM), verified by vLLM's rejection sampler: greedy, so every kept token is
+    the base model's argmax at its position in a multi-token forward."""
+
+    name = "vllm-ngram"
+    speculative_config = VLLM_NGRAM
+
+
+PEER_CLASSES = {peer.name: peer for peer in (LlamaCppPeer, LlamaCppLookupPeer, VllmPeer, VllmNgramPeer)}
+LLAMA_CPP_PEERS = (LlamaCppPeer.name, LlamaCppLookupPeer.name)
+VLLM_PEERS = (VllmPeer.name, VllmNgramPeer.name)
+PEERS = (*LLAMA_CPP_PEERS, *VLLM_PEERS)  # the one list of peer names
+PEER_FAMILIES = {LlamaCppPeer.name: LLAMA_CPP_PEERS, VllmPeer.name: VLLM_PEERS}  # a family's name and its peers
+
+
+def peer_names(names: Sequence[str]) -> list[str]:
+    """--peers: names from PEERS, in PEERS order; a family's own name ('llama.cpp', 'vllm') means every peer of
+    that family unless another of its peers is named too."""
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise CtcspecError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    chosen = set(names)
+    for family, members in PEER_FAMILIES.items():
+        if family in names and not any(m in names for m in members if m != family):
+            chosen.update(members)
+    return [name for name in PEERS if name in chosen]
+
+
+def peers_problem(names: Sequence[str]) -> str | None:
+    """What the peers `names` need and this machine lacks, in one line (before any model loads); None if nothing."""
+    if any(name in VLLM_PEERS for name in names):
+        return vllm_problem()
+    return None
 
 
 def make_peer(name: str, model_dir: str | Path, threads: int, eos_ids: Iterable[int], precision: str = "f32",
-              tokenizer=None) -> LlamaCppPeer:
-    """The peer `name` (one of PEERS) on the GGUF of `model_dir` at `precision`, converted on first use.
-    With `tokenizer` (the HF tokenizer of `model_dir`), its ids are checked against the GGUF's first."""
+              tokenizer=None, dtype: str = "float32") -> LlamaCppPeer | VllmPeer:
+    """The peer `name` (one of PEERS) on `model_dir`: llama.cpp's on its GGUF at `precision`, vLLM's on the
+    directory itself in `dtype` (each class's `open`)."""
     if name not in PEER_CLASSES:
         raise CtcspecError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    import_llama_speculative()  # say what is missing before converting anything
-    peer = PEER_CLASSES[name](gguf_for(model_dir, precision), threads, eos_ids, precision)
-    if tokenizer is not None:
-        check_vocab(peer._llm.model, tokenizer)
-    return peer
+    return PEER_CLASSES[name].open(model_dir, threads, eos_ids, precision=precision, tokenizer=tokenizer, dtype=dtype)

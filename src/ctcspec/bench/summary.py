@@ -11,12 +11,14 @@ import json
 import statistics
 from pathlib import Path
 
-from ctcspec.bench.peers import LlamaCppPeer
+from ctcspec.bench.peers import LlamaCppPeer, VllmPeer
 from ctcspec.bench.questions import Question, select_questions
 
 HF = "hf_generate"
 LLAMA_CPP = LlamaCppPeer.name  # llama.cpp's plain greedy decoding, when a bench ran it
-REFERENCES = ("vanilla", HF, LLAMA_CPP)  # systems every row is compared with, where the run has them
+VLLM = VllmPeer.name  # vLLM's plain greedy decoding, when a bench ran it
+PEER_REFERENCES = {LLAMA_CPP: "vs llama.cpp", VLLM: "vs vLLM"}  # peers compared with, and their columns
+REFERENCES = ("vanilla", HF, *PEER_REFERENCES)  # systems every row is compared with, where the run has them
 TIMINGS = ("draft_s", "verify_s", "bookkeeping_s")
 
 
@@ -205,10 +207,10 @@ def format_table(report: dict) -> str:
     seconds against vanilla's, "differ" the outputs differing from vanilla's (greedy) or, sampling, "loglik/token"
     the outputs' mean log-likelihood per token under the base model, "loops" the answers ending in a repetition
     loop."""
-    peer = any(f"speedup_vs_{LLAMA_CPP}" in s for s in report["systems"].values())
+    peers = [name for name in PEER_REFERENCES if any(f"speedup_vs_{name}" in s for s in report["systems"].values())]
     sampling = sampled_rows(report["systems"])
     header = ["system", "beta", "tok/s", "vs vanilla", "(median)", "time-wtd", "vs HF", "(median)",
-              *(["vs llama.cpp", "(median)"] if peer else []), "draft%", "bookkeep%",
+              *(column for name in peers for column in (PEER_REFERENCES[name], "(median)")), "draft%", "bookkeep%",
               *(["loglik/token", "differ vs HF"] if sampling else ["differ"]), "loops"]
     rows = [header]
     for name, s in report["systems"].items():
@@ -217,7 +219,7 @@ def format_table(report: dict) -> str:
             *(_times(s, key) for key in (
                 "speedup_vs_vanilla", "median_speedup_vs_vanilla", "time_weighted_speedup_vs_vanilla",
                 "speedup_vs_hf_generate", "median_speedup_vs_hf_generate",
-                *([f"speedup_vs_{LLAMA_CPP}", f"median_speedup_vs_{LLAMA_CPP}"] if peer else []))),
+                *(key for name in peers for key in (f"speedup_vs_{name}", f"median_speedup_vs_{name}")))),
             _percent(s, "draft_share"), _percent(s, "bookkeeping_share"),
             *output_checks(s, sampling), str(s.get("answers_ending_in_loop", "-")),
         ])

@@ -16,7 +16,7 @@ import copy
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,9 +322,28 @@ def _drop_partial_last_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+DISTILL_ENGINES = ("hf", "vllm")
+AnswerBatch = Callable[[list[list[int]]], list[list[int]]]  # prompt ids -> greedy answers, each cut after its EOS
+
+
+def hf_answers(model, tokenizer, max_new_tokens: int) -> AnswerBatch:
+    """The default engine: HF `generate` on left-padded batches (generate_batch)."""
+    eos, pad_id = stop_and_pad_ids(model, tokenizer)
+    return lambda prompts: generate_batch(model, prompts, max_new_tokens, eos, pad_id)
+
+
+def vllm_answers(engine, model, tokenizer, max_new_tokens: int) -> AnswerBatch:
+    """vLLM (a ctcspec.vllm_engine.VllmEngine on the same model directory): its continuous batching over the
+    whole batch, stopping at the model's end-of-sequence ids."""
+    eos, _ = stop_and_pad_ids(model, tokenizer)
+    return lambda prompts: engine.generate(prompts, max_new_tokens, eos).outputs
+
+
 def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
-            batch_size: int = 16, progress: bool = True, deadline: float | None = None) -> dict:
-    """Answer every prompt greedily into DIR/samples.jsonl; prompts already answered are skipped, and no batch
+            batch_size: int = 16, progress: bool = True, deadline: float | None = None,
+            answer_batch: AnswerBatch | None = None, engine: str = "hf") -> dict:
+    """Answer every prompt greedily into DIR/samples.jsonl, `batch_size` prompts per call of `answer_batch` (default:
+    hf_answers; `engine` names it in the returned stats); prompts already answered are skipped, and no batch
     starts after `deadline` (time.monotonic(); a later run answers the rest). Batches hold prompts of similar
     lengths, in a shuffled order, so a deadline does not leave out only the longest. Returns what this call
     answered: prompts, answer tokens, seconds and answer tokens per second."""
@@ -348,7 +367,7 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     done = _answered(read_samples(out_dir), encoded, out_dir) if samples_path.exists() else set()
     meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
                                     indent=2) + "\n")
-    eos, pad_id = stop_and_pad_ids(model, tokenizer)
+    answer_batch = answer_batch or hf_answers(model, tokenizer, max_new_tokens)
     todo = [(i, ids) for i, ids in enumerate(encoded) if i not in done]
     todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -359,7 +378,7 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     for batch in batches:
         if _past(deadline):
             break
-        answers = generate_batch(model, [p for _, p in batch], max_new_tokens, eos, pad_id)
+        answers = answer_batch([p for _, p in batch])
         answer_tokens += sum(map(len, answers))
         with samples_path.open("a", encoding="utf-8") as f:
             for (index, prompt_ids), answer in zip(batch, answers, strict=True):
@@ -371,7 +390,7 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     seconds = time.perf_counter() - started
     return {"answered": answered, "left": len(todo) - answered, "answer_tokens": answer_tokens,
             "seconds": round(seconds, 1), "tokens_per_s": round(answer_tokens / seconds, 1) if seconds > 0 else None,
-            "dtype": str(model.dtype), "path": str(samples_path)}
+            "engine": engine, "dtype": str(model.dtype), "path": str(samples_path)}
 
 
 def _answered(samples: list[dict], encoded: list[list[int]], out_dir: Path) -> set[int]:
@@ -387,8 +406,9 @@ def _answered(samples: list[dict], encoded: list[list[int]], out_dir: Path) -> s
 
 @torch.inference_mode()
 def float32_agreement(model, tokenizer, samples: list[dict], max_new_tokens: int, batch_size: int) -> dict:
-    """How far answers distilled in a lower precision agree with the same model's answers in float32: the
-    share of answers identical token for token, and of answer tokens before the first difference."""
+    """How far distilled answers (in a lower precision, or by another engine) agree with HF `generate`'s in
+    float32, `batch_size` prompts at a time (1: each prompt alone, the oracle): the share of answers identical
+    token for token, and of answer tokens before the first difference."""
     eos, pad_id = stop_and_pad_ids(model, tokenizer)
     reference = copy.deepcopy(model).float()
     identical, agreeing, total = 0, 0, 0
