@@ -513,7 +513,7 @@ def base_in_llama_cpp(args) -> bool:
 def check_llama_cpp(args) -> None:
     """Before loading or converting anything: say what llama.cpp needs and is missing, for the backend and for
     bench's peers (and what vLLM's peers need)."""
-    peers = any(name in LLAMA_CPP_PEERS for name in getattr(args, "peers", None) or ())
+    peers = llama_cpp_peers(args)
     problem = peers_problem(getattr(args, "peers", None) or ())
     if problem:
         raise CtcspecError(problem)
@@ -654,9 +654,14 @@ def peer_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def llama_cpp_peers(args) -> bool:
+    """Whether bench's --peers include a llama.cpp peer."""
+    return any(name in LLAMA_CPP_PEERS for name in getattr(args, "peers", None) or ())
+
+
 def uses_gguf(args) -> bool:
     """Whether --gguf matters: llama.cpp runs the base model or one of bench's peers."""
-    return base_in_llama_cpp(args) or any(name in LLAMA_CPP_PEERS for name in getattr(args, "peers", None) or ())
+    return base_in_llama_cpp(args) or llama_cpp_peers(args)
 
 
 def build_peers(args, loaded: LoadedModel, peers: dict) -> dict:
