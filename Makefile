@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 PEERS_STAMP := $(VENV)/.peers-installed
 VLLM_ENV := $(VENV)/share/ctcspec/vllm
 VLLM_STAMP := $(VENV)/.vllm-installed
+VLLM_PLUGIN_STAMP := $(VENV)/.vllm-plugin-installed
 
 .PHONY: setup demo test lint clean peers vllm
 
@@ -59,10 +60,10 @@ $(PEERS_STAMP): $(STAMP)
 	rm -rf $(VENV)/share/ctcspec/sdist
 	touch $(PEERS_STAMP)
 
-vllm: $(VLLM_STAMP)
+vllm: $(VLLM_PLUGIN_STAMP)
 
 $(VLLM_STAMP): | $(STAMP)
-	# vLLM's CPU build for `bench --peers vllm` and `distill --engine vllm` (docs/vllm.md). It pins its own
+	# vLLM's CPU build for `bench --peers vllm`, `distill --engine vllm` and `export-vllm` (docs/vllm.md). It pins its
 	# transformers and FastAPI, so it gets its own environment, where ctcspec.vllm_engine looks for it.
 	rm -rf $(VLLM_ENV)
 	python3 -m venv $(VLLM_ENV)
@@ -74,6 +75,13 @@ $(VLLM_STAMP): | $(STAMP)
 	$(VLLM_ENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_ENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__)"
 	touch $(VLLM_STAMP)
+
+$(VLLM_PLUGIN_STAMP): pyproject.toml $(VLLM_STAMP)
+	# ctcspec itself in vLLM's environment (editable, without its dependencies: vLLM's pins stay) for its vLLM plugin:
+	# the CTC drafter inside vLLM (src/ctcspec/vllm_plugin.py, registered by the vllm.general_plugins entry point).
+	$(VLLM_ENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_ENV)/bin/python -c "import ctcspec.vllm_plugin; print('ctcspec vLLM plugin: installed')"
+	touch $(VLLM_PLUGIN_STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -120,6 +120,15 @@ def test_warm_start_continues_the_saved_drafter(capsys, tmp_path, tiny_model_dir
     code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", tiny_data / "data", "--out",
                            tmp_path / "other", "--steps", 2, "--init-from", init, *TINY_CTC[:-6], "--num-slots", 5)
     assert code == 2 and "num_slots 4 (these options give 5)" in err
+    for given, kept in ((["--slot-attention", "causal"], "causal"), ([], "causal")):  # then the causal one goes on
+        code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", tiny_data / "data", "--out",
+                               tmp_path / f"causal{len(given)}", "--steps", 2, "--lr", 0, "--init-from", init,
+                               *TINY_CTC, *given)
+        assert code == 0, err
+        assert read_config(tmp_path / f"causal{len(given)}")["draft"]["slot_attention"] == kept
+        init = tmp_path / "causal2"
+    assert load_file(init / "model.safetensors").keys() == before.keys()  # the same parameters, attending causally
+    init = tiny_data / "ctc"
     code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--kind", "hydra", "--data", tiny_data / "data",
                            "--out", tmp_path / "kind", "--steps", 2, "--init-from", init)
     assert code == 2 and "is a ctc drafter, not hydra" in err

@@ -8,24 +8,38 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import VOCAB, hf_greedy, run_cli, save_tiny_model_dir
-from ctcspec.bench.peers import PEERS, VLLM_PEERS, make_peer, peer_names
+from ctcspec.bench.peers import PEER_FAMILIES, PEERS, make_peer, peer_names
 from ctcspec.errors import CtcspecError
+from ctcspec.models import DEFAULT_MODEL
+from ctcspec.modules.files import shipped_drafter_dir
+from ctcspec.search import collapse
+from ctcspec.vllm_drafter import ARCHITECTURE, CAUSAL_CTC_NAME, speculative_config
 from ctcspec.vllm_engine import VllmEngine, threads_bind, vllm_problem
 
 MAX_NEW = 32
 needs_vllm = pytest.mark.skipif(vllm_problem() is not None, reason=str(vllm_problem()))
 VLLM_HEADS = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+CAUSAL_CTC = shipped_drafter_dir(DEFAULT_MODEL, CAUSAL_CTC_NAME)  # the shipped drafter for vLLM
+CHAT = ["Write a short story about a robot who learns to paint.", "Explain how photosynthesis works, step by step.",
+        "List five tips for staying productive when working from home.", "What is 17 times 23? Show your work.",
+        "Write a Python function that checks whether a string is a palindrome.",
+        "Summarise the plot of Romeo and Juliet in three sentences.", "Give me a recipe for pancakes.",
+        "Repeat this sentence three times: the quick brown fox jumps over the lazy dog."]
 
 
 def test_peer_names_expand_a_family_unless_one_of_its_peers_is_named():
-    assert peer_names(["vllm"]) == list(VLLM_PEERS)
-    assert peer_names(["llama.cpp", "vllm"]) == list(PEERS)
-    assert peer_names(["vllm", "llama.cpp-lookup"]) == ["llama.cpp-lookup", *VLLM_PEERS]
+    assert peer_names(["vllm"]) == ["vllm", "vllm-ngram"]  # vllm-ctc needs a causal CTC drafter: only by name
+    assert peer_names(["llama.cpp", "vllm", "vllm-ctc"]) == list(PEERS)
+    assert peer_names(["vllm", "llama.cpp-lookup"]) == ["llama.cpp-lookup", "vllm", "vllm-ngram"]
     assert peer_names(["vllm-ngram"]) == ["vllm-ngram"]
     with pytest.raises(CtcspecError, match="unknown peer 'sglang'"):
         peer_names(["sglang"])
@@ -106,7 +120,7 @@ def test_bench_runs_the_vllm_peers_beside_the_drafters(capsys, tmp_path):
     assert code == 0, err
     assert "vs vLLM" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    for name in VLLM_PEERS:
+    for name in PEER_FAMILIES["vllm"]:
         row = report["systems"][name]
         assert row["turns"] == 3 and row["outputs_differing_from_vanilla"] == 0, name
     assert report["systems"]["vllm"]["speedup_vs_vllm"] == pytest.approx(1.0)
@@ -167,3 +181,119 @@ def test_distill_with_vllm_equals_hf_distill_and_checks_itself(capsys, tmp_path,
     assert runs["vllm"]["float32_check"]["identical"] == 1.0
     by_index = {engine: sorted(run["samples"]) for engine, run in runs.items()}
     assert by_index["vllm"] == by_index["hf"]
+
+
+# --- the CTC drafter inside vLLM (ctcspec/vllm_plugin.py, exported by ctcspec/vllm_drafter.py) ---
+
+def test_export_vllm_refuses_what_vllm_cannot_run_before_loading(capsys, tmp_path):
+    cases = {"ctc": "--slot-attention causal", "medusa": "only CTC drafters"}
+    for kind, problem in cases.items():
+        code, _, err = run_cli(capsys, "export-vllm", shipped_drafter_dir(DEFAULT_MODEL, kind), "--model",
+                               tmp_path / "no-model", "--out", tmp_path / kind)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / kind).exists()
+
+
+def test_export_vllm_checks_the_base_model(capsys, tmp_path, tiny_model_dir):
+    code, _, err = run_cli(capsys, "export-vllm", CAUSAL_CTC, "--model", tiny_model_dir, "--out", tmp_path / "out")
+    assert code == 2 and "trained for another base model" in err, err
+
+
+def test_export_vllm_never_overwrites_what_is_not_an_export(capsys, tmp_path, smollm2):
+    drafter = shutil.copytree(CAUSAL_CTC, tmp_path / "drafter")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "other.safetensors").write_bytes(b"")
+    for out, problem in ((drafter, "the drafter's own directory"), (tmp_path / "busy", "other.safetensors")):
+        code, _, err = run_cli(capsys, "export-vllm", drafter, "--out", out)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
+    assert (drafter / "config.json").read_bytes() == (CAUSAL_CTC / "config.json").read_bytes()
+    for _ in range(2):  # an earlier export is replaced
+        code, _, err = run_cli(capsys, "export-vllm", drafter, "--out", tmp_path / "vllm")
+        assert code == 0, err
+
+
+def test_vllm_ctc_peer_needs_a_causal_drafter_and_the_plugin(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "category": "a", "turns": ["w1 w2"]}\n')
+    python = tmp_path / "python"  # stands for vLLM's Python: exit 0 says the plugin is there, exit 1 that it is not
+    monkeypatch.setenv("CTCSPEC_VLLM_PYTHON", str(python))
+    bench = ["bench", "--model", tiny_model_dir, "--questions", questions, "--drafters", "vanilla", "--peers",
+             "vllm-ctc", "--out", tmp_path / "out"]
+    for status, extra, problem in ((1, [], "plugin is not installed"), (0, [], "--drafter-path DIR"),
+                                   (0, ["--drafter-path", shipped_drafter_dir(DEFAULT_MODEL, "ctc")],
+                                    "--slot-attention causal")):
+        python.write_text(f"#!/bin/sh\nexit {status}\n")
+        python.chmod(0o755)
+        code, _, err = run_cli(capsys, *bench, *extra)
+        assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_vllm_writes_a_draft_model_that_vllm_reads(capsys, tmp_path, smollm2):
+    from transformers import AutoConfig
+
+    code, out, err = run_cli(capsys, "export-vllm", CAUSAL_CTC, "--out", tmp_path / "vllm")
+    assert code == 0, err
+    serve, model, flag, speculative = shlex.split(out.strip())[1:]
+    assert (serve, model, flag) == ("serve", str(smollm2.path), "--speculative-config")
+    assert json.loads(speculative) == speculative_config((tmp_path / "vllm").resolve(), 6)
+    config = AutoConfig.from_pretrained(tmp_path / "vllm")  # as vLLM reads it, before its EAGLE wrapper
+    assert config.architectures == [ARCHITECTURE] and config.hidden_size == 576
+    assert config.mask_token_id == 49152 == config.vocab_size  # no token has it
+    assert config.ctcspec["draft"]["slot_attention"] == "causal"
+    assert (tmp_path / "vllm" / "model.safetensors").read_bytes() == (CAUSAL_CTC / "model.safetensors").read_bytes()
+
+
+def simulated_steps(module, model, prompt: list[int], answer: list[int]) -> int:
+    """vLLM's engine steps for one request whose every step drafts ctcspec's CTC best path (argmax per slot,
+    collapsed, padded with id 0 to the N + 1 proposals) at the last verified position: prefill gives one token, each
+    later step the proposals that match the answer and one more."""
+    tokens = [*prompt, *answer]
+    ids = torch.tensor([tokens])
+    first = len(prompt) - 1  # the anchor after prefill: u = (h of the prompt's last position, the first answer token)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+        anchors = torch.arange(first, len(tokens) - 1)[None]
+        alignments = module.training_logits(hidden, ids, anchors)[0].argmax(-1).tolist()
+    c = module.config
+    steps, last = 1, len(prompt)  # the position of the last token out
+    while last < len(tokens) - 1:
+        draft = [int(module.vocab_ids[k]) for k in collapse(alignments[last - 1 - first], c.blank_id, c.other_id)]
+        draft += [0] * (c.num_slots + 1 - len(draft))
+        accepted = 0
+        while accepted < len(draft) and last + 1 + accepted < len(tokens) and \
+                draft[accepted] == tokens[last + 1 + accepted]:
+            accepted += 1
+        last += accepted + 1
+        steps += 1
+    return steps
+
+
+@needs_vllm
+def test_ctc_drafter_in_vllm_is_lossless_and_drafts_what_ctcspec_drafts(smollm2):
+    """At batch 1 and batch 8, the answers are greedy's (ctcspec vanilla: HF's, which plain vLLM gives too, tested
+    above); at batch 1 the engine steps are those of ctcspec's own CTC module drafting its best path, so the plugin
+    computes ctcspec's drafts."""
+    from ctcspec.decoding import eos_ids
+    from ctcspec.drafters import make_drafter
+    from ctcspec.engine import SpeculativeEngine
+    from ctcspec.modules.files import load_drafter_module
+    from ctcspec.prompts import encode_chat
+
+    prompts = [encode_chat(smollm2.tokenizer, [{"role": "user", "content": t}]) for t in CHAT]
+    engine = SpeculativeEngine(smollm2.model, make_drafter("vanilla"))
+    expected = [engine.generate(p, MAX_NEW).tokens for p in prompts]
+    peer = make_peer("vllm-ctc", smollm2.path, threads=1, eos_ids=eos_ids(smollm2.model.generation_config),
+                     ctc_drafter=CAUSAL_CTC, model=smollm2.model)
+    try:
+        alone = [peer.generate(p, MAX_NEW) for p in prompts]
+        together = peer.engine.generate(prompts, MAX_NEW, peer.eos)
+    finally:
+        peer.close()
+    assert not Path(peer.export_dir.name).exists()
+    assert [r.tokens for r in alone] == expected
+    assert together.outputs == expected
+    module, _ = load_drafter_module(CAUSAL_CTC, smollm2.model)
+    simulated = [simulated_steps(module, smollm2.model, p, t) for p, t in zip(prompts, expected, strict=True)]
+    assert [r.steps for r in alone] == simulated
+    assert sum(r.steps for r in alone) < sum(map(len, expected))  # it drafts

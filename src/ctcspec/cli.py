@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +25,15 @@ import torch
 from ctcspec import __version__
 from ctcspec.backends import BACKENDS, Backend, LlamaCppBackend, make_backend
 from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
-from ctcspec.bench.peers import LLAMA_CPP_PEERS, PEERS, import_llama_speculative, make_peer, peer_names, peers_problem
+from ctcspec.bench.peers import (
+    LLAMA_CPP_PEERS,
+    PEERS,
+    VllmCtcPeer,
+    import_llama_speculative,
+    make_peer,
+    peer_names,
+    peers_problem,
+)
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
@@ -70,6 +79,7 @@ from ctcspec.training.distill import (
     vllm_answers,
 )
 from ctcspec.training.train import TrainConfig, summary_json, train
+from ctcspec.vllm_drafter import CAUSAL_CTC_NAME, check_vllm_drafter, export_vllm_drafter
 from ctcspec.vllm_engine import VllmEngine, vllm_problem
 
 
@@ -302,6 +312,17 @@ def _add_info_parser(sub) -> None:
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def _add_export_vllm_parser(sub) -> None:
+    export = sub.add_parser("export-vllm", help="a CTC drafter as a draft model that vLLM runs",
+                            description="Write a CTC drafter (trained with --slot-attention causal) as a vLLM draft "
+                                        "model directory and print the `vllm serve` command that runs it: vLLM's "
+                                        "EAGLE proposer in parallel-drafting mode, through ctcspec's vLLM plugin "
+                                        "(installed into vLLM's environment by `make vllm`; docs/vllm.md).")
+    _add_model_args(export)
+    export.add_argument("drafter", type=Path, help="a CTC drafter directory, trained for --model")
+    export.add_argument("--out", type=Path, required=True, help="the directory to write (config.json + weights)")
+
+
 def _add_kernels_parser(sub) -> None:
     kernels = sub.add_parser("kernels", help="which linear-layer kernels --kernels auto takes here, and why",
                              description="Print the kernels --kernels auto takes on this machine for --model and "
@@ -445,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "layer_init": "ctc: random, or base = start the draft layer as the base model's last decoder "
                                "layer (Llama-family bases)",
                  "num_layers": "ctc: draft layers over the slots",
+                 "slot_attention": "ctc: bidirectional or causal (vLLM runs causal drafters: docs/vllm.md); "
+                                   "none = bidirectional, or --init-from's",
                  "prefix_weight": "ctc: weight of a loss term that rewards drafts whose first tokens are right "
                                   "(-log P(draft starts with the first k targets), averaged over k)",
                  "soft_weight": "ctc: weight of a KL term to the base model's next-token distributions at the "
@@ -474,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the first N questions (applied after --per-category)")
     _add_info_parser(sub)
     _add_kernels_parser(sub)
+    _add_export_vllm_parser(sub)
     _add_eval_parser(sub)
     _add_serve_parser(sub)
     _add_chat_parser(sub)
@@ -670,8 +694,26 @@ def build_peers(args, loaded: LoadedModel, peers: dict) -> dict:
     threads = args.threads or torch.get_num_threads()
     for name in args.peers:
         peers[name] = make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.gguf,
-                                tokenizer=loaded.tokenizer, dtype=dtype_name(args.dtype))
+                                tokenizer=loaded.tokenizer, dtype=dtype_name(args.dtype),
+                                ctc_drafter=vllm_ctc_drafter(args), model=loaded.model)
     return peers
+
+
+def vllm_ctc_drafter(args) -> Path | None:
+    """The CTC drafter the vllm-ctc peer runs: --drafter-path's, else the causal one shipped for the embedded
+    default (None when the peer is not asked for); what vLLM cannot run of it is an error before anything loads."""
+    if VllmCtcPeer.name not in (getattr(args, "peers", None) or ()):
+        return None
+    given = [path for path in args.drafter_path if drafter_kind(path) == "ctc"]
+    shipped = shipped_drafter_dir(args.model, CAUSAL_CTC_NAME) if args.model == DEFAULT_MODEL else None
+    path = given[0] if given else shipped
+    if path is None:
+        raise CtcspecError(VllmCtcPeer.needs)
+    try:
+        check_vllm_drafter(path)
+    except CtcspecError as exc:
+        raise CtcspecError(f"--peers vllm-ctc: {exc}") from None
+    return path
 
 
 def dtype_name(text: str) -> str:
@@ -700,7 +742,8 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
             "drafter_paths": {kind: _abspath(dirs[kind]) if kind in dirs else None for kind in kinds},
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
-            "threads": args.threads, "gguf": args.gguf if uses_gguf(args) else None, **sampling}
+            "threads": args.threads, "gguf": args.gguf if uses_gguf(args) else None, **sampling,
+            **({"vllm_ctc_drafter": _abspath(vllm_ctc_drafter(args))} if VllmCtcPeer.name in systems else {})}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -730,6 +773,7 @@ def cmd_bench(args) -> int:
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     systems = bench_systems(names, include_hf=not args.no_hf, peers=args.peers)
     check_llama_cpp(args)
+    vllm_ctc_drafter(args)
     store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings), questions, systems,
                             resume=args.resume)
     loaded, backend = _load_backend(args)
@@ -922,6 +966,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export_vllm(args) -> int:
+    check_vllm_drafter(args.drafter)  # before the model loads
+    loaded = _load(args)
+    speculative = export_vllm_drafter(args.drafter, loaded.model, args.out)
+    print(f"vllm serve {shlex.quote(str(loaded.path))} --speculative-config {shlex.quote(json.dumps(speculative))}")
+    return 0
+
+
 def cmd_kernels(args) -> int:
     loaded = _load(argparse.Namespace(**{**vars(args), "kernels": "plain"}))
     choice = choose_kernels(loaded.model, remeasure=args.remeasure)
@@ -1031,7 +1083,7 @@ def cmd_chat(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
             "report": cmd_report, "info": cmd_info, "kernels": cmd_kernels, "eval": cmd_eval, "serve": cmd_serve,
-            "chat": cmd_chat}
+            "chat": cmd_chat, "export-vllm": cmd_export_vllm}
 
 
 def main(argv: list[str] | None = None) -> int:

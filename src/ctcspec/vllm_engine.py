@@ -43,6 +43,23 @@ def vllm_problem() -> str | None:
     return None
 
 
+PLUGIN = "ctcspec.vllm_drafter:register"  # pyproject.toml's vllm.general_plugins entry point
+
+
+def vllm_plugin_problem() -> str | None:
+    """Why vLLM cannot run ctcspec's CTC drafter here (vLLM missing, or ctcspec's plugin not installed in its
+    environment), in one line; None when it can."""
+    problem = vllm_problem()
+    if problem:
+        return problem
+    probe = ("import sys; from importlib.metadata import entry_points; "
+             f"sys.exit(not any(e.value == {PLUGIN!r} for e in entry_points(group='vllm.general_plugins')))")
+    if subprocess.run([str(vllm_python()), "-I", "-c", probe], capture_output=True).returncode:
+        return (f"ctcspec's vLLM plugin is not installed in vLLM's environment ({vllm_python()}): run `make vllm` "
+                "(it installs ctcspec there) or `pip install --no-deps -e .` with that Python")
+    return None
+
+
 def threads_bind(threads: int) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for the first `threads` CPUs this process may run on."""
     cpus = sorted(os.sched_getaffinity(0))

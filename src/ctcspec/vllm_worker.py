@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -78,6 +79,9 @@ def run(llm, request: dict, serial: int) -> dict:
 def main() -> None:
     """Load, say ready (or why not), then answer request lines until stdin ends."""
     channel = result_channel()
+    # SIGTERM exits through Python, so that vLLM shuts its engine process down (killed outright, the worker would
+    # leave that process behind).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         settings = json.loads(sys.argv[1])
         llm = load(settings)

@@ -1,5 +1,6 @@
 """Peer systems: llama.cpp's plain greedy decoding and its prompt-lookup decoding, through llama-cpp-python, and
-vLLM's plain greedy decoding and its n-gram speculation, in vLLM's own environment (ctcspec/vllm_engine.py).
+vLLM's plain greedy decoding, its n-gram speculation and ctcspec's CTC drafter running inside it, in vLLM's own
+environment (ctcspec/vllm_engine.py).
 
 A peer takes the same prompt token ids as ctcspec's engines (HF tokenizer ids, passed straight in: the GGUF is
 converted from the same model directory, and `check_vocab` refuses a GGUF whose id -> piece map differs) and
@@ -13,6 +14,7 @@ Setup: `make peers` for llama.cpp (docs/llama_cpp.md; the GGUF comes from ctcspe
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from ctcspec.errors import CtcspecError
 from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, gguf_for, import_llama_cpp
-from ctcspec.vllm_engine import VllmEngine, vllm_problem
+from ctcspec.vllm_drafter import export_vllm_drafter
+from ctcspec.vllm_engine import VllmEngine, vllm_plugin_problem, vllm_problem
 
 # vLLM's n-gram speculation: up to 5 draft tokens after the last earlier match of the last 4, 3 or 2 tokens (vLLM's
 # default, matches of exactly 5, seldom drafts in chat answers of a small model).
@@ -170,9 +173,10 @@ class VllmPeer:
     name = "vllm"
     speculative_config: dict | None = None
 
-    def __init__(self, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32"):
+    def __init__(self, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32",
+                 speculative_config: dict | None = None):
         self.eos = sorted(int(t) for t in eos_ids)
-        self.engine = VllmEngine(model_dir, threads, self.speculative_config, dtype)
+        self.engine = VllmEngine(model_dir, threads, speculative_config or self.speculative_config, dtype)
 
     @classmethod
     def open(cls, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32",
@@ -201,11 +205,48 @@ class VllmNgramPeer(VllmPeer):
     speculative_config = VLLM_NGRAM
 
 
-PEER_CLASSES = {peer.name: peer for peer in (LlamaCppPeer, LlamaCppLookupPeer, VllmPeer, VllmNgramPeer)}
+class VllmCtcPeer(VllmPeer):
+    """ctcspec's CTC drafter inside vLLM (ctcspec/vllm_plugin.py): drafted from the target's hidden states in one
+    causal forward per step, verified by vLLM. The drafter (trained with --slot-attention causal) is exported into a
+    temporary directory, removed at `close`."""
+
+    name = "vllm-ctc"
+    needs = ("the vllm-ctc peer runs a CTC drafter trained with --slot-attention causal: pass --drafter-path DIR "
+             "(docs/vllm.md)")
+
+    def __init__(self, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str,
+                 drafter_dir: str | Path, model):
+        problem = vllm_plugin_problem()
+        if problem:
+            raise CtcspecError(problem)
+        self.export_dir = tempfile.TemporaryDirectory(prefix="ctcspec-vllm-drafter-")
+        try:
+            speculative = export_vllm_drafter(drafter_dir, model, self.export_dir.name)
+            super().__init__(model_dir, threads, eos_ids, dtype, speculative)
+        except BaseException:
+            self.export_dir.cleanup()
+            raise
+
+    @classmethod
+    def open(cls, model_dir: str | Path, threads: int, eos_ids: Iterable[int], dtype: str = "float32",
+             ctc_drafter: str | Path | None = None, model=None, **_) -> VllmCtcPeer:
+        if ctc_drafter is None or model is None:
+            raise CtcspecError(cls.needs)
+        return cls(model_dir, threads, eos_ids, dtype, ctc_drafter, model)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.export_dir.cleanup()
+
+
+PEER_CLASSES = {peer.name: peer for peer in (LlamaCppPeer, LlamaCppLookupPeer, VllmPeer, VllmNgramPeer, VllmCtcPeer)}
 LLAMA_CPP_PEERS = (LlamaCppPeer.name, LlamaCppLookupPeer.name)
-VLLM_PEERS = (VllmPeer.name, VllmNgramPeer.name)
+VLLM_FAMILY = (VllmPeer.name, VllmNgramPeer.name)  # what --peers vllm means: vllm-ctc needs a causal CTC drafter
+VLLM_PEERS = (*VLLM_FAMILY, VllmCtcPeer.name)
 PEERS = (*LLAMA_CPP_PEERS, *VLLM_PEERS)  # the one list of peer names
-PEER_FAMILIES = {LlamaCppPeer.name: LLAMA_CPP_PEERS, VllmPeer.name: VLLM_PEERS}  # a family's name and its peers
+PEER_FAMILIES = {LlamaCppPeer.name: LLAMA_CPP_PEERS, VllmPeer.name: VLLM_FAMILY}  # a family's name and its peers
 
 
 def peer_names(names: Sequence[str]) -> list[str]:
@@ -223,15 +264,19 @@ def peer_names(names: Sequence[str]) -> list[str]:
 
 def peers_problem(names: Sequence[str]) -> str | None:
     """What the peers `names` need and this machine lacks, in one line (before any model loads); None if nothing."""
+    if VllmCtcPeer.name in names:
+        return vllm_plugin_problem()
     if any(name in VLLM_PEERS for name in names):
         return vllm_problem()
     return None
 
 
 def make_peer(name: str, model_dir: str | Path, threads: int, eos_ids: Iterable[int], precision: str = "f32",
-              tokenizer=None, dtype: str = "float32") -> LlamaCppPeer | VllmPeer:
+              tokenizer=None, dtype: str = "float32", ctc_drafter: str | Path | None = None,
+              model=None) -> LlamaCppPeer | VllmPeer:
     """The peer `name` (one of PEERS) on `model_dir`: llama.cpp's on its GGUF at `precision`, vLLM's on the
-    directory itself in `dtype` (each class's `open`)."""
+    directory itself in `dtype`, vllm-ctc with the CTC drafter `ctc_drafter` of base `model` (each class's `open`)."""
     if name not in PEER_CLASSES:
         raise CtcspecError(f"unknown peer {name!r}; choose from {', '.join(PEERS)}")
-    return PEER_CLASSES[name].open(model_dir, threads, eos_ids, precision=precision, tokenizer=tokenizer, dtype=dtype)
+    return PEER_CLASSES[name].open(model_dir, threads, eos_ids, precision=precision, tokenizer=tokenizer, dtype=dtype,
+                                   ctc_drafter=ctc_drafter, model=model)

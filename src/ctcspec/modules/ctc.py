@@ -42,6 +42,9 @@ from ctcspec.search import TRANSFORMS, transform_nodes
 SLOT_ATTENTION = ("bidirectional", "causal")
 LOSSES = ("ctc", "ce")
 TRAINING_ONLY = ("prefix_weight", "soft_weight")  # how a module was trained; its shape and inference ignore them
+# What a warm start (train --init-from) may change: the parameters keep their shapes. A bidirectional drafter continues
+# as a causal one, for instance (vLLM drafts causally; docs/vllm.md).
+WARM_START_FREE = (*TRAINING_ONLY, "slot_attention")
 LayerCaches = tuple[ContextCache, ...]  # one per draft layer
 
 

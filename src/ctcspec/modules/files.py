@@ -34,14 +34,19 @@ TRAINING_KEYS = ("steps", "planned_steps", "train_samples", "heldout_samples", "
 ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # a base model may run in these too
 
 
-def head_fingerprint(model: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
-    """sha256 of the LM head weights (as fp32, CPU), first rounded to `rounded_to` if given: identical only for
-    the same base model weights."""
-    weight = base_head(model)[0].detach()
+def weight_fingerprint(weight: torch.Tensor, rounded_to: torch.dtype | None = None) -> str:
+    """sha256 of a weight (as fp32, CPU), first rounded to `rounded_to` if given: identical only for the same
+    weights."""
+    weight = weight.detach()
     if rounded_to is not None:
         weight = weight.to(rounded_to)
     data = weight.to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def head_fingerprint(model: torch.nn.Module, rounded_to: torch.dtype | None = None) -> str:
+    """The fingerprint of the model's LM head weights: identical only for the same base model weights."""
+    return weight_fingerprint(base_head(model)[0], rounded_to)
 
 
 def describe_base(model: torch.nn.Module) -> dict:

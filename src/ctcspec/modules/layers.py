@@ -86,15 +86,21 @@ class DraftLayer(nn.Module):
         keys = apply_rotary(self._heads(self.k_proj(h)), positions, self.rotary_freqs)
         return keys, self._heads(self.v_proj(h))
 
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (batch, q, d) at positions (batch, q) -> rotated queries (batch, heads, q, head_dim)."""
+        return apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.rotary_freqs)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP block, residual included."""
+        h = self.mlp_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 allowed: torch.Tensor | None) -> torch.Tensor:
         """x: (batch, q, d); keys/values: (batch, heads, k, head_dim); allowed: bool (batch, 1, q, k), or
         None when every query may see every key."""
-        queries = apply_rotary(self._heads(self.q_proj(self.attn_norm(x))), positions, self.rotary_freqs)
-        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
-        x = x + self.o_proj(attn.transpose(1, 2).reshape(x.shape))
-        h = self.mlp_norm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        attn = F.scaled_dot_product_attention(self.queries(x, positions), keys, values, attn_mask=allowed)
+        return self.feed_forward(x + self.o_proj(attn.transpose(1, 2).reshape(x.shape)))
 
 
 @dataclass(frozen=True)

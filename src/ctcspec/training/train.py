@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
-from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, TRAINING_ONLY, CTCConfig
+from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, WARM_START_FREE, CTCConfig
 from ctcspec.modules.files import drafter_base, load_trained_weights, read_drafter, save_drafter
 from ctcspec.modules.heads import HeadsConfig
 from ctcspec.modules.layers import LAYER_INITS, base_rope_theta, copy_base_layer
@@ -56,7 +56,7 @@ class TrainConfig:
     num_slots: int = 6               # defaults: the shipped SmolLM2 drafter's recipe (docs/ctc.md)
     target_tokens: int = 4           # ctc: K tokens per alignment; medusa/hydra: heads; eagle: draft depth
     intermediate_size: int = 0       # MLP width; 0 = the kind's default (ctc/eagle: the base model's; heads 1024)
-    slot_attention: str = "bidirectional"
+    slot_attention: str = ""         # bidirectional | causal; empty: bidirectional, or the warm start's
     loss: str = "ctc"
     layer_init: str = "random"       # ctc: "base" starts the draft layer as the base model's last layer
     num_layers: int = 1              # ctc: draft layers over the slots
@@ -95,7 +95,7 @@ class TrainConfig:
         if self.kind == "ctc" and self.target_tokens > self.num_slots:
             raise CtcspecError(f"--target-tokens ({self.target_tokens}) must not exceed --num-slots ({self.num_slots})")
         for name, allowed in (("slot_attention", SLOT_ATTENTION), ("loss", LOSSES), ("layer_init", LAYER_INITS)):
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and (name, getattr(self, name)) != ("slot_attention", ""):
                 raise CtcspecError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.kind != "ctc" and self.layer_init != "random":
             raise CtcspecError("--layer-init base is for --kind ctc")
@@ -164,6 +164,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     train_set, heldout = split_heldout(samples, config.heldout_every)
     checkpoint_path = out_dir / CHECKPOINT
     init = read_drafter(Path(config.init_from), model, config.kind) if config.init_from else None
+    config = warm_start_config(config, init[1] if init else None)
     state = None
     if resume:
         if not checkpoint_path.exists():
@@ -190,7 +191,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     if config.max_train_samples and config.max_train_samples < len(train_set):
         picks = sorted(random.Random(config.seed).sample(range(len(train_set)), config.max_train_samples))
         train_set = [train_set[i] for i in picks]  # after the vocabulary, which always sees all the data
-    draft_config = module_config(warm_start_config(config, init[1] if init else None), model, len(vocab_ids))
+    draft_config = module_config(config, model, len(vocab_ids))
     if init is not None:
         _check_same_shape(config.init_from, init[1], draft_config)
     torch.manual_seed(config.seed)
@@ -290,18 +291,21 @@ def _out_of_time(accelerator, here: bool) -> bool:
 
 
 def warm_start_config(config: TrainConfig, saved_draft) -> TrainConfig:
-    """A warm start keeps the saved drafter's MLP width unless one is asked for (--intermediate-size 0 means
-    the kind's default, or the warm start's)."""
-    if saved_draft is None or config.intermediate_size:
-        return config
-    return replace(config, intermediate_size=saved_draft.intermediate_size)
+    """The options left to their defaults settled: a warm start keeps the saved drafter's MLP width and slot attention
+    unless asked for others (--intermediate-size 0 and an empty --slot-attention mean the kind's default, or the warm
+    start's); slots attend bidirectionally by default."""
+    if saved_draft is None:
+        return replace(config, slot_attention=config.slot_attention or "bidirectional")
+    return replace(config, intermediate_size=config.intermediate_size or saved_draft.intermediate_size,
+                   slot_attention=config.slot_attention or getattr(saved_draft, "slot_attention", "bidirectional"))
 
 
 def _check_same_shape(init_from: str, saved, wanted) -> None:
-    """A warm start needs the saved drafter's architecture (not its loss weights); name every option that differs."""
+    """A warm start needs the saved drafter's parameter shapes (not its loss weights or slot attention); name every
+    option that differs."""
     differing = [f"{name} {getattr(saved, name)!r} (these options give {getattr(wanted, name)!r})"
                  for name in saved.to_dict()
-                 if name not in TRAINING_ONLY and getattr(saved, name) != getattr(wanted, name)]
+                 if name not in WARM_START_FREE and getattr(saved, name) != getattr(wanted, name)]
     if not differing:
         return
     raise CtcspecError(f"--init-from {init_from}: the saved drafter has " + ", ".join(differing) +
