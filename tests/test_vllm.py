@@ -203,7 +203,10 @@ def test_export_vllm_never_overwrites_what_is_not_an_export(capsys, tmp_path, sm
     drafter = shutil.copytree(CAUSAL_CTC, tmp_path / "drafter")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "other.safetensors").write_bytes(b"")
-    for out, problem in ((drafter, "the drafter's own directory"), (tmp_path / "busy", "other.safetensors")):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_bytes(b"\xff\xfe not a config")  # not UTF-8, not JSON, not ours
+    for out, problem in ((drafter, "the drafter's own directory"), (tmp_path / "busy", "other.safetensors"),
+                         (tmp_path / "model", "holds other files (config.json)")):
         code, _, err = run_cli(capsys, "export-vllm", drafter, "--out", out)
         assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
     assert (drafter / "config.json").read_bytes() == (CAUSAL_CTC / "config.json").read_bytes()

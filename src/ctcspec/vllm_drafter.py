@@ -89,10 +89,18 @@ def _check_out(out: Path, drafter_dir: Path) -> None:
     if out.exists() and out.resolve() == drafter_dir.resolve():
         raise CtcspecError(f"--out {str(out)!r} is the drafter's own directory; export into another")
     others = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE)) if out.exists() else []
-    earlier = (out / CONFIG_FILE).exists() and CONFIG_KEY in json.loads((out / CONFIG_FILE).read_text() or "{}")
-    if others or ((out / CONFIG_FILE).exists() and not earlier):
+    if others or ((out / CONFIG_FILE).exists() and not _is_export(out / CONFIG_FILE)):
         raise CtcspecError(f"--out {str(out)!r} holds other files ({', '.join(others) or CONFIG_FILE}); vLLM would "
                            "read them too: export into a new or empty directory")
+
+
+def _is_export(config_file: Path) -> bool:
+    """Whether a config.json is one this module wrote (anything unreadable is not)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and CONFIG_KEY in config
 
 
 def export_vllm_drafter(drafter_dir: str | Path, model: torch.nn.Module, out: str | Path) -> dict:
