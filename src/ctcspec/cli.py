@@ -688,14 +688,14 @@ def uses_gguf(args) -> bool:
     return base_in_llama_cpp(args) or llama_cpp_peers(args)
 
 
-def build_peers(args, loaded: LoadedModel, peers: dict) -> dict:
+def build_peers(args, loaded: LoadedModel, peers: dict, vllm_drafter: Path | None = None) -> dict:
     """--peers, started one by one into `peers` (so that the caller can close those started when a later one
-    fails)."""
+    fails); vllm-ctc runs `vllm_drafter` (`vllm_ctc_drafter`)."""
     threads = args.threads or torch.get_num_threads()
     for name in args.peers:
         peers[name] = make_peer(name, loaded.path, threads, eos_ids(loaded.model.generation_config), args.gguf,
                                 tokenizer=loaded.tokenizer, dtype=dtype_name(args.dtype),
-                                ctc_drafter=vllm_ctc_drafter(args), model=loaded.model)
+                                ctc_drafter=vllm_drafter, model=loaded.model)
     return peers
 
 
@@ -731,7 +731,8 @@ def bench_seed(args) -> int:
     return 0 if args.seed is None else args.seed
 
 
-def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: dict) -> dict:
+def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: dict,
+                   vllm_drafter: Path | None = None) -> dict:
     """What `bench --resume` requires to equal the saved run's (DIR/run.json): the model, the questions and their
     selection, the systems, the generation length and settings (with the seed; both left out when greedy with
     no other setting, as runs saved before they existed), the drafter files and flags, and the device settings."""
@@ -743,7 +744,7 @@ def bench_settings(args, systems: list[str], dirs: dict[str, Path], settings: di
             "tree_budget": args.tree_budget, "transform": args.transform, "adaptive_budget": args.adaptive_budget,
             "device": args.device, "dtype": args.dtype, "kernels": args.kernels, "backend": args.backend,
             "threads": args.threads, "gguf": args.gguf if uses_gguf(args) else None, **sampling,
-            **({"vllm_ctc_drafter": _abspath(vllm_ctc_drafter(args))} if VllmCtcPeer.name in systems else {})}
+            **({"vllm_ctc_drafter": _abspath(vllm_drafter)} if vllm_drafter else {})}
 
 
 def write_bench_outputs(store: BenchStore, meta: dict) -> None:
@@ -773,8 +774,8 @@ def cmd_bench(args) -> int:
     questions = select_questions(load_questions(args.questions), args.per_category, args.limit)
     systems = bench_systems(names, include_hf=not args.no_hf, peers=args.peers)
     check_llama_cpp(args)
-    vllm_ctc_drafter(args)
-    store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings), questions, systems,
+    vllm_drafter = vllm_ctc_drafter(args)
+    store = BenchStore.open(args.out, bench_settings(args, systems, dirs, settings, vllm_drafter), questions, systems,
                             resume=args.resume)
     loaded, backend = _load_backend(args)
     in_effect, seed = settings_in_effect(loaded.model, settings), bench_seed(args)
@@ -792,7 +793,7 @@ def cmd_bench(args) -> int:
             **({"gguf": args.gguf} if uses_gguf(args) else {})}
     peers: dict = {}
     try:
-        runners = system_runners(backend, drafters, build_peers(args, loaded, peers), settings)
+        runners = system_runners(backend, drafters, build_peers(args, loaded, peers, vllm_drafter), settings)
         for records in bench_questions(runners, loaded.tokenizer, questions, args.max_new_tokens, systems,
                                        start=store.n_done, seed=seed,
                                        scorer=loglik_scorer(loaded.model, in_effect)):
