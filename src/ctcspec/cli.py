@@ -1,4 +1,4 @@
-"""The `ctcspec` command line: generate, bench, report, distill, train, info, kernels, eval, serve, chat.
+"""The `ctcspec` command line: generate, bench, report, distill, store, train, info, kernels, eval, serve, chat.
 
 Every user error (a bad flag value, an unreadable or malformed file, a model or drafter that cannot be
 used) ends in one line on stderr and exit code 2; library code raises `CtcspecError` and never prints.
@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import random
 import secrets
 import shlex
 import sys
@@ -35,7 +36,7 @@ from ctcspec.bench.peers import (
     peers_problem,
 )
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
-from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
+from ctcspec.bench.report import cpu_model, environment, peak_rss_mb, write_outputs
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
 from ctcspec.bench.store import BenchStore
 from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
@@ -65,6 +66,7 @@ from ctcspec.training.compare import (
     read_ablations,
     vocabulary_coverage,
 )
+from ctcspec.training.data import check_data_base
 from ctcspec.training.distill import (
     DISTILL_ENGINES,
     STYLED_COUNT,
@@ -72,12 +74,14 @@ from ctcspec.training.distill import (
     float32_agreement,
     read_prompt_file,
     read_samples,
+    record_run,
     round_slice,
     self_instruct,
     styled_prompts,
     templated_prompts,
     vllm_answers,
 )
+from ctcspec.training.store import DEFAULT_MAX_MB, MANIFEST, is_store, store_distilled, store_prompts, store_summary
 from ctcspec.training.train import TrainConfig, summary_json, train
 from ctcspec.vllm_drafter import CAUSAL_CTC_NAME, check_vllm_drafter, export_vllm_drafter
 from ctcspec.vllm_engine import VllmEngine, vllm_problem
@@ -290,6 +294,14 @@ def budget_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
+def source_list(text: str) -> list[str]:
+    """--sources: comma-separated prompt source names."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated source names, got {text!r}")
+    return names
+
+
 def transform_list(text: str) -> list[str]:
     """--transforms: comma-separated CTC transforms, each one of TRANSFORMS."""
     names = [t.strip() for t in text.split(",") if t.strip()]
@@ -356,6 +368,9 @@ def _add_eval_parser(sub) -> None:
                           help=f"tree budgets (default: {','.join(map(str, EVAL_BUDGETS))})")
     evaluate.add_argument("--samples", type=positive_int, default=64, metavar="N",
                           help="held-out sequences (default: 64)")
+    evaluate.add_argument("--sources", type=source_list, default=None, metavar="S1,S2",
+                          help="only held-out sequences of these prompt sources (as `ctcspec store` lists them, e.g. "
+                               "alpaca_eval/instructions.jsonl,styled); default: every source")
     evaluate.add_argument("--anchors", type=positive_int, default=16, metavar="N",
                           help="draft positions per held-out sequence (default: 16)")
     evaluate.add_argument("--json", type=Path, default=None, metavar="OUT",
@@ -450,7 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
                               "docs/vllm.md; --batch-size 64 or more suits it); --self-instruct always uses HF")
     distill.add_argument("--max-new-tokens", type=positive_int, default=256)
     distill.add_argument("--batch-size", type=positive_int, default=16)
+    distill.add_argument("--store", type=Path, default=None, metavar="STORE",
+                         help="a data store (ctcspec store): leave out the prompts it already holds answers to")
     distill.add_argument("--out", type=Path, required=True, help="data directory (created; resumes if it exists)")
+
+    store = sub.add_parser("store", help="add distilled data to a data store (compressed shards + manifest, for git)",
+                           description="Add the answers of `ctcspec distill` directories that the store lacks, one "
+                                       "shard per directory, with each directory's record (engine, machine, "
+                                       "throughput, float32 check); prints the store's summary. Train and evaluate "
+                                       "on a store with --data STORE (docs/ctc.md).")
+    _add_model_args(store)
+    store.add_argument("data", type=Path, nargs="*", help="directories written by ctcspec distill")
+    store.add_argument("--check-float32", type=non_negative_int, default=8, metavar="N",
+                       help="answer N of each shard's new prompts (seeded random) again with HF generate in float32, "
+                            "one at a time, and record how far the answers agree (default: 8; 0 skips the check and "
+                            "the model load)")
+    store.add_argument("--into", type=Path, required=True, help="the data store directory (created if absent)")
+    store.add_argument("--name", default="", help="the new shard's name (default: the directory's name)")
+    store.add_argument("--max-mb", type=bounded_float(lambda v: v > 0, "positive"), default=DEFAULT_MAX_MB,
+                       help=f"refuse to grow the store past this many MB (default {DEFAULT_MAX_MB:g}: the repository's "
+                            "budget for distilled data)")
 
     train = sub.add_parser("train", help="train a drafter (CTC, or a Medusa/Hydra/EAGLE baseline) on distilled data",
                            description="Train the attention draft module with CTC loss against the base model's "
@@ -836,6 +870,9 @@ def cmd_distill(args) -> int:
         prompts += chosen
     if not prompts and args.self_instruct <= 0:
         raise CtcspecError("no prompts left to answer: every source is used up by earlier rounds")
+    if args.store is not None and not is_store(args.store):
+        raise CtcspecError(f"--store {str(args.store)!r} is not a data store (no {MANIFEST}); make one with "
+                           "ctcspec store")
     loaded = _load(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.self_instruct > 0:
@@ -848,15 +885,43 @@ def cmd_distill(args) -> int:
             engine = stack.enter_context(VllmEngine(loaded.path, args.threads or torch.get_num_threads(),
                                                     dtype=dtype_name(args.dtype)))
             answer_batch = vllm_answers(engine, loaded.model, loaded.tokenizer, args.max_new_tokens)
+        skip = store_prompts(args.store) if args.store is not None else frozenset()
         stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
-                        deadline=deadline, answer_batch=answer_batch, engine=args.engine)
+                        deadline=deadline, answer_batch=answer_batch, engine=args.engine, skip=skip)
     if args.check_float32:
         checked = read_samples(args.out)[:args.check_float32]
         stats["float32_check"] = float32_agreement(loaded.model, loaded.tokenizer, checked, args.max_new_tokens,
                                                    1 if args.engine == "vllm" else args.batch_size)
+    options = {"sources": [what for what, _ in sources] + (["--self-instruct"] if args.self_instruct > 0 else []),
+               "round": args.round, "round_size": args.round_size, "limit": args.limit,
+               "self_instruct": args.self_instruct, "batch_size": args.batch_size}
+    record_run(args.out, {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_model": cpu_model(),
+                          "threads": args.threads or torch.get_num_threads(), **options, **stats})
     print(json.dumps(stats))
     print(f"distilled {len(prompts)} prompts into {stats['path']} ({stats['answered']} answered now, "
           f"{stats['tokens_per_s']} answer tokens/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_store(args) -> int:
+    if not args.data and not is_store(args.into):
+        raise CtcspecError(f"{str(args.into)!r} is not a data store yet: give distilled directories to add")
+    for directory in args.data:
+        if not directory.is_dir():
+            raise CtcspecError(f"{str(directory)!r} is not a directory written by ctcspec distill")
+    check = None
+    if args.check_float32 and args.data:
+        loaded = _load(args)
+
+        def check(samples: list[dict], max_new_tokens: int) -> dict:
+            picked = random.Random(0).sample(samples, min(args.check_float32, len(samples)))
+            return float32_agreement(loaded.model, loaded.tokenizer, picked, max_new_tokens, 1)
+    for directory in args.data:
+        entry = store_distilled(args.into, directory, args.name, args.max_mb, check)
+        added = (f"added {entry['file']}: {entry['samples']:,} answers, {entry['answer_tokens']:,} answer tokens, "
+                 f"{entry['bytes'] / 1e6:.2f} MB") if entry else "nothing new (the store holds every answer)"
+        print(f"{directory}: {added}", file=sys.stderr)
+    print(json.dumps(store_summary(args.into), indent=1))
     return 0
 
 
@@ -1049,8 +1114,9 @@ def cmd_eval(args) -> int:
         return _eval_ablations(args, dirs)
     if not dirs:
         raise CtcspecError("give --drafter-path DIR (repeat it to compare several drafters)")
-    heldout = heldout_samples(args.data, args.samples)
+    heldout = heldout_samples(args.data, args.samples, args.sources)
     loaded, backend = _load_backend(args)
+    check_data_base(args.data, loaded.model)
     cost = machine_cost_curve(backend)
     rows = []
     for label, path in dirs.items():
@@ -1082,9 +1148,9 @@ def cmd_chat(args) -> int:
     return run_chat(conversation, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty(), seed=args.seed)
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "train": cmd_train,
-            "report": cmd_report, "info": cmd_info, "kernels": cmd_kernels, "eval": cmd_eval, "serve": cmd_serve,
-            "chat": cmd_chat, "export-vllm": cmd_export_vllm}
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "distill": cmd_distill, "store": cmd_store,
+            "train": cmd_train, "report": cmd_report, "info": cmd_info, "kernels": cmd_kernels, "eval": cmd_eval,
+            "serve": cmd_serve, "chat": cmd_chat, "export-vllm": cmd_export_vllm}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,18 @@ def drafter_base(model: torch.nn.Module) -> dict:
     return base
 
 
+def fingerprints(recorded: dict) -> set[str]:
+    """The LM head fingerprints a recorded base description (`describe_base` or `drafter_base`) holds: two bases
+    with one in common are the same weights, loaded in the same or (fp32 against bf16/fp16) another precision."""
+    rounded = recorded.get("lm_head_sha256_rounded")
+    return {recorded.get("lm_head_sha256"), *(rounded.values() if isinstance(rounded, dict) else ())} - {None}
+
+
+def same_weights(recorded: dict, model: torch.nn.Module) -> bool:
+    """Whether a recorded base description names this model's weights, in whatever precision either was loaded."""
+    return bool(fingerprints(recorded) & fingerprints(drafter_base(model)))
+
+
 def check_base(expected: dict, model: torch.nn.Module, where: str) -> None:
     actual = describe_base(model)
     dtype = str(base_head(model)[0].dtype).removeprefix("torch.")

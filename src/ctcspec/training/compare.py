@@ -55,9 +55,14 @@ def _training(run) -> dict:
     return training if isinstance(training, dict) else {}
 
 
-def heldout_samples(data_dirs: list[Path], count: int) -> list[dict]:
-    """The first `count` held-out samples of `data_dirs`: the split training makes of the same directories."""
+def heldout_samples(data_dirs: list[Path], count: int, sources: list[str] | None = None) -> list[dict]:
+    """The first `count` held-out samples of `data_dirs` (of `sources` only, when given): the split training makes
+    of the same directories."""
     _, heldout = split_heldout(read_data([Path(d) for d in data_dirs]), TrainConfig().heldout_every)
+    if sources:
+        heldout = [s for s in heldout if s["source"] in sources]
+        if not heldout:
+            raise CtcspecError(f"no held-out samples of the sources {', '.join(sources)} in the data")
     return heldout[:count]
 
 

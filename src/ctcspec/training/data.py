@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ctcspec.errors import CtcspecError
-from ctcspec.modules.files import describe_base
-from ctcspec.training.distill import read_samples
+from ctcspec.modules.files import describe_base, same_weights
+from ctcspec.training.distill import META_FILE, read_samples
+from ctcspec.training.store import is_store, read_manifest, read_store
 
 
 def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.Tensor:
@@ -155,12 +156,31 @@ def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torc
 
 
 def read_data(data_dirs: list[Path]) -> list[dict]:
-    """Samples of several distilled directories; indices offset per directory so they stay distinct."""
+    """Samples of several distilled directories and data stores. A store's indices are hashes of the prompts; a
+    directory's are offset per directory so they stay distinct. The same prompt twice: the first is kept (no
+    held-out leaks)."""
     samples, seen = [], set()
     for k, directory in enumerate(data_dirs):
-        for s in read_samples(Path(directory)):
+        group = read_store(directory) if is_store(directory) else [
+            {**s, "index": s["index"] + k * 10_000_000} for s in read_samples(Path(directory))]
+        for s in group:
             prompt = tuple(s["ids"][:s["prompt_len"]])
-            if prompt not in seen:  # the same prompt in two directories: keep one (no held-out leaks)
+            if prompt not in seen:
                 seen.add(prompt)
-                samples.append({**s, "index": s["index"] + k * 10_000_000})
+                samples.append(s)
     return samples
+
+
+def check_data_base(data_dirs: list[Path], model) -> None:
+    """Every directory or store was distilled from `model` (its LM head's fingerprint), or the error names it."""
+    for directory in data_dirs:
+        if is_store(directory):
+            base = read_manifest(directory)["base"]
+        else:
+            try:
+                base = json.loads((Path(directory) / META_FILE).read_text())["base"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # read_samples names what is missing; older directories may lack their metadata
+        if isinstance(base, dict) and not same_weights(base, model):
+            raise CtcspecError(f"{str(directory)!r} was distilled from another base model "
+                               f"({base.get('architecture')}); train and evaluate on data of this model")

@@ -16,7 +16,7 @@ import copy
 import json
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError, read_text_file
-from ctcspec.modules.files import describe_base
+from ctcspec.modules.files import drafter_base
 from ctcspec.prompts import encode_chat
 
 SAMPLES_FILE, META_FILE, INSTRUCTIONS_FILE = "samples.jsonl", "meta.json", "self_instruct.jsonl"
+RUNS_FILE = "runs.jsonl"  # one line per distill call: its options, engine, machine and throughput (for the data store)
 
 TOPICS = (
     "cooking", "personal finance", "travel planning", "ancient history", "astronomy", "climate change",
@@ -185,13 +186,14 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     path = Path(path)
     _refuse_evaluation_set(path)
     text = read_text_file(path, "prompt file")
+    source = f"{path.parent.name}/{path.name}" if path.parent.name else path.name  # e.g. gsm8k/train.jsonl
     prompts = []
     jsonl = path.suffix == ".jsonl"
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         if not jsonl:
-            prompts.append(Prompt(path.name, line.strip()))
+            prompts.append(Prompt(source, line.strip()))
             continue
         try:
             record = json.loads(line)
@@ -204,7 +206,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
                 value = record.get(key)
         if not isinstance(value, str) or not value.strip():
             raise CtcspecError(f"{path} line {lineno}: needs 'turns', 'question', 'prompt' or 'instruction'")
-        prompts.append(Prompt(path.name, value.strip()))
+        prompts.append(Prompt(source, value.strip()))
     if not prompts:
         raise CtcspecError(f"{path}: no prompts found")
     return prompts
@@ -341,15 +343,17 @@ def vllm_answers(engine, model, tokenizer, max_new_tokens: int) -> AnswerBatch:
 
 def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_tokens: int = 256,
             batch_size: int = 16, progress: bool = True, deadline: float | None = None,
-            answer_batch: AnswerBatch | None = None, engine: str = "hf") -> dict:
+            answer_batch: AnswerBatch | None = None, engine: str = "hf",
+            skip: Collection[tuple[int, ...]] = frozenset()) -> dict:
     """Answer every prompt greedily into DIR/samples.jsonl, `batch_size` prompts per call of `answer_batch` (default:
     hf_answers; `engine` names it in the returned stats); prompts already answered are skipped, and no batch
     starts after `deadline` (time.monotonic(); a later run answers the rest). Batches hold prompts of similar
-    lengths, in a shuffled order, so a deadline does not leave out only the longest. Returns what this call
-    answered: prompts, answer tokens, seconds and answer tokens per second."""
+    lengths, in a shuffled order, so a deadline does not leave out only the longest. Prompts in `skip` (token ids:
+    those a data store already holds) are left out. Returns what this call answered: prompts, answer tokens,
+    seconds and answer tokens per second."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = describe_base(model)
+    base = drafter_base(model)  # with an fp32 base, its fingerprints rounded to bf16/fp16 too (for the data store)
     meta_path = out_dir / META_FILE
     if meta_path.exists():
         try:
@@ -368,11 +372,12 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
     meta_path.write_text(json.dumps({"base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens},
                                     indent=2) + "\n")
     answer_batch = answer_batch or hf_answers(model, tokenizer, max_new_tokens)
-    todo = [(i, ids) for i, ids in enumerate(encoded) if i not in done]
+    skipped = sum(tuple(ids) in skip for i, ids in enumerate(encoded) if i not in done)
+    todo = [(i, ids) for i, ids in enumerate(encoded) if i not in done and tuple(ids) not in skip]
     todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     random.Random(len(prompts)).shuffle(batches)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt",
+    bar = tqdm(total=len(prompts) - skipped, initial=len(prompts) - skipped - len(todo), desc="distill", unit="prompt",
                disable=not progress)
     started, answer_tokens, answered = time.perf_counter(), 0, 0
     for batch in batches:
@@ -388,9 +393,29 @@ def distill(model, tokenizer, prompts: Sequence[Prompt], out_dir: Path, max_new_
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - started
-    return {"answered": answered, "left": len(todo) - answered, "answer_tokens": answer_tokens,
+    return {"answered": answered, "left": len(todo) - answered, "skipped": skipped, "answer_tokens": answer_tokens,
             "seconds": round(seconds, 1), "tokens_per_s": round(answer_tokens / seconds, 1) if seconds > 0 else None,
             "engine": engine, "dtype": str(model.dtype), "path": str(samples_path)}
+
+
+def record_run(out_dir: Path, record: dict) -> None:
+    """Append one distill call's record (options, stats, machine) to DIR/runs.jsonl."""
+    with (Path(out_dir) / RUNS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_runs(out_dir: Path) -> list[dict]:
+    """The records of the distill calls that wrote `out_dir` (none for directories older than the record)."""
+    path = Path(out_dir) / RUNS_FILE
+    if not path.exists():
+        return []
+    runs = []
+    for line in read_text_file(path, "distill run record").splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill: the record is informative only
+    return runs
 
 
 def _answered(samples: list[dict], encoded: list[list[int]], out_dir: Path) -> set[int]:

@@ -35,6 +35,7 @@ from ctcspec.training.data import (
     anchor_generator,
     batch_hidden,
     batch_order,
+    check_data_base,
     choose_anchors,
     draft_targets,
     draft_vocabulary,
@@ -160,6 +161,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         torch.backends.cuda.matmul.allow_tf32 = True
     model = model.to(device).eval()
     model.requires_grad_(False)
+    check_data_base([Path(d) for d in data_dirs], model)
     samples = read_data([Path(d) for d in data_dirs])
     train_set, heldout = split_heldout(samples, config.heldout_every)
     checkpoint_path = out_dir / CHECKPOINT
