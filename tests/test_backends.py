@@ -40,11 +40,12 @@ def test_backends_agree_on_logits_hidden_states_and_cache(arch):
     for backend in (HFBackend(model), StaticBackend(model)):
         cache = backend.new_cache(32)
         prefill(backend, cache, prompt[:-1])
-        out = backend.forward(cache, [prompt[-1], *tree.tokens], node_parents(tree), want_hidden=True)
+        out = backend.forward(cache, [prompt[-1], *tree.tokens], node_parents(tree), hidden_layers=(1, 0))
         backend.keep(cache, len(prompt) - 1, [0, 5, 6])
         results.append((out, backend.entries(cache)))
     (hf_out, hf_cache), (static_out, static_cache) = results
     torch.testing.assert_close(static_out.logits, hf_out.logits, atol=1e-5, rtol=1e-5)
+    assert static_out.hidden.shape == (1 + len(tree), 3 * model.config.hidden_size)  # last, after 1 layer, embeddings
     torch.testing.assert_close(static_out.hidden, hf_out.hidden, atol=1e-5, rtol=1e-5)
     for (k, v), (hk, hv) in zip(static_cache, hf_cache, strict=True):
         assert k.shape == hk.shape == (1, model.config.num_key_value_heads, len(prompt) - 1 + 3, 16)

@@ -130,8 +130,8 @@ def test_llama_cpp_forward_equals_the_torch_backend(tiny):
     tree_tokens, parents = [11, 12, 13, 14, 15, 16], [-1, 0, 1, 0, 3, 0]
     got, want = backend.new_cache(128), static.new_cache(128)
     for tokens, nodes in ((prompt, list(range(-1, len(prompt) - 1))), (tree_tokens, parents)):
-        a = backend.forward(got, tokens, nodes, want_hidden=True)
-        b = static.forward(want, tokens, nodes, want_hidden=True)
+        a = backend.forward(got, tokens, nodes, hidden_layers=())
+        b = static.forward(want, tokens, nodes, hidden_layers=())
         assert torch.allclose(a.logits, b.logits, atol=1e-3, rtol=1e-4)
         assert torch.allclose(a.hidden, b.hidden, atol=1e-3, rtol=1e-4)
     for kept in ([0, 3, 4], [0]):  # keep a path, then the next forward sees exactly it

@@ -192,6 +192,12 @@ def test_export_vllm_refuses_what_vllm_cannot_run_before_loading(capsys, tmp_pat
                                tmp_path / "no-model", "--out", tmp_path / kind)
         assert code == 2 and problem in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / kind).exists()
+    fused = shutil.copytree(CAUSAL_CTC, tmp_path / "fused")
+    config = json.loads((fused / "config.json").read_text())
+    config["draft"]["feature_layers"] = [2, 15]
+    (fused / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "export-vllm", fused, "--model", tmp_path / "no-model", "--out", tmp_path / "f")
+    assert code == 2 and "last layer's states only" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_export_vllm_checks_the_base_model(capsys, tmp_path, tiny_model_dir):

@@ -101,10 +101,11 @@ def expected_rate(accepted: float, nodes: int, cost: dict[int, float], draft_cos
 def drafting_cost_curve(drafter: Drafter, model: torch.nn.Module, budgets, context: int = 256,
                         repeats: int = 3) -> dict[int, float]:
     """Median seconds of one `drafter.propose` step per tree budget, on a random context (random hidden
-    states of the base model's width and random tokens). Leaves the drafter's budget as it was."""
+    states of the width the drafter reads and random tokens). Leaves the drafter's budget as it was."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (context + repeats + 1,), generator=gen)
-    hidden = torch.randn(context + repeats, model.config.hidden_size, generator=gen).to(model.dtype)
+    width = model.config.hidden_size * (1 + len(drafter.feature_layers))
+    hidden = torch.randn(context + repeats, width, generator=gen).to(model.dtype)
     saved, seconds = drafter.tree_budget, {}
     for budget in budgets:
         drafter.tree_budget = budget
@@ -187,6 +188,7 @@ class AdaptiveBudget(Drafter):
         self.drafter, self.plan = drafter, plan
         self.prior_steps, self.probe_every = prior_steps, probe_every
         self.name, self.needs_hidden_states, self.drafts = drafter.name, drafter.needs_hidden_states, drafter.drafts
+        self.feature_layers = drafter.feature_layers
         self.acceptance_curve = drafter.acceptance_curve
         self.probe_budget = drafter.tree_budget
         self.reset()

@@ -506,11 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(-log P(draft starts with the first k targets), averaged over k)",
                  "soft_weight": "ctc: weight of a KL term to the base model's next-token distributions at the "
                                 "slots the best CTC alignment gives a target",
+                 "feature_layers": "ctc: comma-separated base layers (HF hidden_states indices, 0 = embeddings) "
+                                   "whose states join the last layer's in the context units (EAGLE-3's fused "
+                                   "features), e.g. 8,16; none = none, or --init-from's (a warm start may add them)",
                  "hidden_cache": "a directory caching the base model's hidden states of the data (fp16), shared by "
                                  "several trainings on the same data"}
     for name, kind in (("kind", str), ("num_slots", int), ("target_tokens", int), ("intermediate_size", int),
                        ("slot_attention", str), ("loss", str), ("layer_init", str), ("num_layers", int),
-                       ("prefix_weight", float), ("soft_weight", float), ("draft_vocab", int),
+                       ("prefix_weight", float), ("soft_weight", float), ("feature_layers", str), ("draft_vocab", int),
                        ("max_train_samples", int), ("hidden_cache", str), ("init_from", str), ("steps", int),
                        ("epochs", float),
                        ("batch_size", int), ("anchors_per_sequence", int), ("max_length", int), ("lr", float),

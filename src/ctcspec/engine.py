@@ -18,6 +18,7 @@ import torch
 
 from ctcspec.accept import accept_path
 from ctcspec.backends import Backend, make_backend
+from ctcspec.backends.base import HiddenLayers
 from ctcspec.decoding import Decoding, NodeChooser, decoding_for
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.errors import CtcspecError
@@ -72,18 +73,18 @@ class StepOutcome:
 
 
 def speculative_step(backend: Backend, cache, tokens: torch.Tensor, tree: TokenTree,
-                     want_hidden: bool = False, decoding: Decoding | None = None) -> StepOutcome:
+                     hidden_layers: HiddenLayers = None, decoding: Decoding | None = None) -> StepOutcome:
     """One verify-and-accept step (greedy unless `decoding` says otherwise). `cache` holds tokens[:-1];
     afterwards it holds the accepted path too."""
     past_len = len(tokens) - 1
     root = int(tokens[-1])
     start = time.perf_counter()
-    verified = verify_tree(backend, cache, root, tree, want_hidden=want_hidden)
+    verified = verify_tree(backend, cache, root, tree, hidden_layers)
     verify_s = time.perf_counter() - start
     choose = NodeChooser(decoding or Decoding(), verified.logits, tokens)
     accepted = accept_path([root, *tree.tokens], node_parents(tree), choose)
     backend.keep(cache, past_len, accepted.path)
-    hidden = verified.hidden[accepted.path] if want_hidden else None
+    hidden = verified.hidden[accepted.path] if hidden_layers is not None else None
     return StepOutcome(accepted.tokens, accepted.path, hidden, verify_s)
 
 
@@ -106,6 +107,10 @@ class SpeculativeEngine:
         if drafter.drafts and (problem := tree_precision_problem(model)):
             raise CtcspecError(f"the {drafter.name} drafter cannot run losslessly here: {problem}")
         self.backend = backend or make_backend(model)
+        if drafter.needs_hidden_states and drafter.feature_layers and not self.backend.earlier_layers:
+            raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)} beside "
+                               f"the last, which the {self.backend.name} backend does not return; use --backend "
+                               "static or hf")
         self.model = model
         self.drafter = drafter
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -138,9 +143,9 @@ class SpeculativeEngine:
         token_limit = min(max_new_tokens, max_context - len(prompt))  # the sequence never outgrows the context
         # room for the prompt, a first stretch of generation and one tree; a static cache grows past it if needed
         cache = self.backend.new_cache(min(max_context, len(prompt) + min(token_limit, 1024) + self.max_tree_budget))
-        hidden = self.drafter.needs_hidden_states
+        hidden = self.drafter.feature_layers if self.drafter.needs_hidden_states else None
         self.drafter.reset()
-        first = prefill(self.backend, cache, prompt, want_hidden=hidden)
+        first = prefill(self.backend, cache, prompt, hidden)
         new = [NodeChooser(decoding, first.logits, torch.tensor(prompt))(0, [])]
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
@@ -157,7 +162,7 @@ class SpeculativeEngine:
             tree = tree.truncated(min(self.max_tree_budget, room), room)  # also merges duplicate prefixes
             check_tree_tokens(tree, self.vocab_size, self.drafter.name)
             t2 = time.perf_counter()
-            step = speculative_step(self.backend, cache, tokens, tree, want_hidden=hidden, decoding=decoding)
+            step = speculative_step(self.backend, cache, tokens, tree, hidden, decoding=decoding)
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ctcspec.backends.base import Backend
+from ctcspec.backends.base import Backend, HiddenLayers
 from ctcspec.tree import ROOT, TokenTree
 
 
@@ -40,13 +40,14 @@ def node_parents(tree: TokenTree) -> list[int]:
     return [-1] + [0 if p == ROOT else p + 1 for p in tree.parents]
 
 
-def verify_tree(backend: Backend, cache, root_token: int, tree: TokenTree, want_hidden: bool = False) -> VerifyResult:
+def verify_tree(backend: Backend, cache, root_token: int, tree: TokenTree,
+                hidden_layers: HiddenLayers = None) -> VerifyResult:
     """Run root + draft nodes after the cached sequence, appending their keys/values to `cache`."""
-    out = backend.forward(cache, [root_token, *tree.tokens], node_parents(tree), want_hidden)
+    out = backend.forward(cache, [root_token, *tree.tokens], node_parents(tree), hidden_layers)
     return VerifyResult(out.logits, out.hidden)
 
 
-def prefill(backend: Backend, cache, prompt_ids: list[int], want_hidden: bool = False) -> VerifyResult:
+def prefill(backend: Backend, cache, prompt_ids: list[int], hidden_layers: HiddenLayers = None) -> VerifyResult:
     """Run the prompt into an empty cache; the logits (1, vocab) are those after its last token."""
-    out = backend.forward(cache, list(prompt_ids), list(range(-1, len(prompt_ids) - 1)), want_hidden)
+    out = backend.forward(cache, list(prompt_ids), list(range(-1, len(prompt_ids) - 1)), hidden_layers)
     return VerifyResult(out.logits[-1:], out.hidden)

@@ -43,6 +43,9 @@ def vllm_export_problem(kind: str, draft: dict) -> str | None:
         return f"only CTC drafters run inside vLLM, not {kind}"
     if draft.get("loss", "ctc") != "ctc":
         return "only drafters trained with the CTC loss run inside vLLM (their slots spell a CTC alignment)"
+    if draft.get("feature_layers"):
+        return ("this drafter reads earlier base layers (--feature-layers), and vLLM's EAGLE proposer hands a drafter "
+                "the last layer's states only")
     if draft.get("slot_attention") != "causal":
         return ("vLLM drafts in one causal forward, and this drafter's slots attend bidirectionally; train one with "
                 "--slot-attention causal (a warm start from this one: --init-from DIR --slot-attention causal)")

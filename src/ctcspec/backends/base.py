@@ -1,9 +1,10 @@
 """The one interface between the engine and the base model's runtime.
 
 A backend runs tokens through the base model against a KV cache it owns the layout of:
-"run these nodes at these positions under this tree mask; return their logits and last hidden
-states; keep only these cache entries". The engine, the budget's cost curve and the drafters never
-touch a cache or a model forward directly, so every backend serves every drafter.
+"run these nodes at these positions under this tree mask; return their logits and hidden states
+(the last layer's, and any earlier layers' a drafter reads); keep only these cache entries". The engine,
+the budget's cost curve and the drafters never touch a cache or a model forward directly, so every backend
+serves every drafter (llama.cpp: those reading the last layer only).
 
 Cache invariant: a cache holds the keys/values of `length(cache)` tokens, at positions 0..length-1
 in order. `forward` appends one entry per node (in node order, at slots length.., whatever the
@@ -22,7 +23,12 @@ import torch
 @dataclass(frozen=True)
 class ForwardResult:
     logits: torch.Tensor          # (nodes, vocab): the base model's next-token logits after each node
-    hidden: torch.Tensor | None   # (nodes, hidden): last-layer states (after the final norm), if asked for
+    hidden: torch.Tensor | None   # (nodes, hidden × (1 + layers)): the last layer's states (after the final norm),
+                                  # then those of the layers asked for; None unless asked for
+
+
+HiddenLayers = tuple[int, ...] | None  # None: no states; (): the last layer's; (a, b): also layers a, b (HF
+                                       # hidden_states indices: 0 is the embeddings, i the output of i layers)
 
 
 def node_depths(parents: list[int]) -> list[int]:
@@ -42,6 +48,7 @@ class Backend(ABC):
     are what drafters and the engine read) for one sequence at a time."""
 
     name: str = "backend"
+    earlier_layers: bool = True  # can return states of layers before the last (hidden_layers beyond ())
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -55,9 +62,11 @@ class Backend(ABC):
         """Tokens the cache holds."""
 
     @abstractmethod
-    def forward(self, cache, tokens: list[int], parents: list[int], want_hidden: bool = False) -> ForwardResult:
+    def forward(self, cache, tokens: list[int], parents: list[int],
+                hidden_layers: HiddenLayers = None) -> ForwardResult:
         """Run `tokens` as nodes after the cached sequence: node i sits at position length + depth(i) and attends
-        to the whole cache, its ancestors and itself (parents[i] < i, -1 for none); their entries are appended."""
+        to the whole cache, its ancestors and itself (parents[i] < i, -1 for none); their entries are appended.
+        `hidden_layers`: which states to return beside the logits."""
 
     @abstractmethod
     def keep(self, cache, past_len: int, nodes: list[int]) -> None:

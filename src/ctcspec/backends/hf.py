@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ctcspec.backends.base import Backend, ForwardResult, is_chain, node_depths
+from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, is_chain, node_depths
 from ctcspec.cpu_kernels import linear_kernels_of
 from ctcspec.errors import CtcspecError
 
@@ -104,15 +104,18 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, cache: DynamicCache, tokens: list[int], parents: list[int],
-                want_hidden: bool = False) -> ForwardResult:
+                hidden_layers: HiddenLayers = None) -> ForwardResult:
         device, past_len = self.model.device, cache.get_seq_length()
         input_ids = torch.tensor([tokens], device=device)
         position_ids = torch.tensor([[past_len + d for d in node_depths(parents)]], device=device)
         # A chain is plain causal decoding: let the model build its usual mask.
         mask = None if is_chain(parents) else tree_attention_mask(parents, past_len, self.model.dtype, device)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=cache,
-                         use_cache=True, output_hidden_states=want_hidden)
-        return ForwardResult(out.logits[0], out.hidden_states[-1][0] if want_hidden else None)
+                         use_cache=True, output_hidden_states=hidden_layers is not None)
+        if hidden_layers is None:
+            return ForwardResult(out.logits[0], None)
+        states = [out.hidden_states[-1][0], *(out.hidden_states[i][0] for i in hidden_layers)]
+        return ForwardResult(out.logits[0], torch.cat(states, dim=-1))
 
     def keep(self, cache: DynamicCache, past_len: int, nodes: list[int]) -> None:
         compact_cache(cache, past_len, nodes)

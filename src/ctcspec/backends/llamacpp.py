@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctcspec.backends.base import Backend, ForwardResult, node_depths
+from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, node_depths
 from ctcspec.errors import CtcspecError
 from ctcspec.gguf import GGML_TYPE_F32, check_vocab, context_size, import_llama_cpp
 
@@ -71,6 +71,7 @@ class LlamaCppBackend(Backend):
     One sequence at a time: `new_cache` starts a new one and retires the previous handle."""
 
     name = "llama.cpp"
+    earlier_layers = False  # llama.cpp hands back the last layer's states (its embeddings output) only
 
     def __init__(self, model: torch.nn.Module, gguf: str | Path, threads: int, tokenizer=None):
         super().__init__(model)
@@ -186,7 +187,9 @@ class LlamaCppBackend(Backend):
             raise CtcspecError("this llama.cpp cache was retired: the backend holds one sequence at a time")
 
     def forward(self, cache: LlamaCppCache, tokens: list[int], parents: list[int],
-                want_hidden: bool = False) -> ForwardResult:
+                hidden_layers: HiddenLayers = None) -> ForwardResult:
+        if hidden_layers:
+            raise CtcspecError("the llama.cpp backend returns the last layer's states only")
         self._check_live(cache)
         past, count = cache.length, len(tokens)
         if past + count > self._n_ctx:
@@ -203,14 +206,15 @@ class LlamaCppBackend(Backend):
             stop = min(start + _MAX_BATCH, count)
             self._decode(tokens[start:stop], positions[start:stop], ids[start:stop])
             logits.append(self._outputs(self._lib.llama_get_logits(self._ctx), stop - start, self.vocab))
-            if want_hidden:
+            if hidden_layers is not None:
                 hidden.append(self._outputs(self._lib.llama_get_embeddings(self._ctx), stop - start, self.width))
         cache.length = past + count
         self._past, self._parents, self._first_ids = past, list(parents), [node_ids[0] for node_ids in ids]
         if leaves == 1:  # a chain (a prompt): share it now, so the invariant holds without a keep
             for seq in range(1, self._shared):
                 self._lib.llama_memory_seq_cp(self._memory, 0, seq, past, past + count)
-        return ForwardResult(torch.cat(logits)[:, :self.model_vocab], torch.cat(hidden) if want_hidden else None)
+        states = torch.cat(hidden) if hidden_layers is not None else None
+        return ForwardResult(torch.cat(logits)[:, :self.model_vocab], states)
 
     def _decode(self, tokens: list[int], positions: list[int], ids: list[list[int]]) -> None:
         batch = self._batch

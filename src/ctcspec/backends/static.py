@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ctcspec.backends.base import Backend, ForwardResult, is_chain, node_depths
+from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, is_chain, node_depths
 from ctcspec.backends.hf import check_supported, tree_attention_mask
 from ctcspec.cpu_kernels import linear_kernels_of
 from ctcspec.errors import CtcspecError
@@ -92,7 +92,7 @@ class StaticBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, cache: StaticCache, tokens: list[int], parents: list[int],
-                want_hidden: bool = False) -> ForwardResult:
+                hidden_layers: HiddenLayers = None) -> ForwardResult:
         """Backend.forward; len(tokens) == len(parents). A causal mask (no tree mask) is used only for a chain
         into an empty cache, where queries and keys line up one to one."""
         past, q = cache.length, len(tokens)
@@ -105,7 +105,10 @@ class StaticBackend(Backend):
         cos, sin = self.decoder.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask, causal = self._mask(parents, past)
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+        earlier = {}  # states after i layers, for hidden_layers
+        for i, (layer, keys, values) in enumerate(zip(self.layers, cache.keys, cache.values, strict=True)):
+            if hidden_layers and i in hidden_layers:
+                earlier[i] = x
             attention = layer.self_attn
             h = layer.input_layernorm(x)
             query = attention.q_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
@@ -119,7 +122,10 @@ class StaticBackend(Backend):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.length = end
         hidden = self.decoder.norm(x)
-        return ForwardResult(self.model.lm_head(hidden)[0], hidden[0] if want_hidden else None)
+        logits = self.model.lm_head(hidden)[0]
+        if hidden_layers is None:
+            return ForwardResult(logits, None)
+        return ForwardResult(logits, torch.cat([hidden[0], *(earlier[i][0] for i in hidden_layers)], dim=-1))
 
     @staticmethod
     def _reserve(cache: StaticCache, entries: int) -> None:

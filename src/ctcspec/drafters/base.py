@@ -22,14 +22,16 @@ class DraftRequest:
     max_depth: int                          # deepest draft the context limit allows
     accepted: int = 0                       # draft tokens of the previous proposal the base model accepted
                                             # (0 on the first step of a generation)
-    new_hidden: torch.Tensor | None = None  # base last-layer states of positions accepted since the last
-                                            # request (only for drafters with needs_hidden_states)
+    new_hidden: torch.Tensor | None = None  # base states of positions accepted since the last request (only
+                                            # for drafters with needs_hidden_states): the last layer's, then
+                                            # those of its feature_layers, concatenated
 
 
 class Drafter(ABC):
     name: str = "drafter"
     drafts: bool = True                            # proposes draft tokens (False: plain decoding, one token a step)
     needs_hidden_states: bool = False
+    feature_layers: tuple[int, ...] = ()           # base layers whose states it reads beside the last one's
     tree_budget: int | None = None                 # draft nodes per step, for drafters that take a budget
     acceptance_curve: dict[int, float] | None = None  # held-out mean accepted draft tokens per tree budget
 

@@ -34,6 +34,10 @@ class CTCDrafter(Drafter):
         self._token_of_class = module.vocab_ids.tolist()
         self.reset()
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.module.feature_layers
+
     @classmethod
     def from_saved(cls, module: CTCModule, config: dict, transform: str = "beam") -> CTCDrafter:
         """A drafter for a loaded module, with the held-out acceptance curve of its transform."""

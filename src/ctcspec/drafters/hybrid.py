@@ -28,6 +28,7 @@ class CTCLookupDrafter(Drafter):
     def __init__(self, ctc: CTCDrafter, lookup: LookupDrafter | None = None, prior_steps: float = 4.0,
                  probe_every: int = 8):
         self.ctc, self.lookup = ctc, lookup or LookupDrafter()
+        self.feature_layers = ctc.feature_layers
         self.plan = None
         self.prior_steps, self.probe_every = prior_steps, probe_every
         self.reset()

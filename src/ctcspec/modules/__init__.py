@@ -2,7 +2,7 @@
 
 A draft network (a "module") is an `nn.Module` that reads the base model's last hidden states and
 scores draft tokens; the drafters in ctcspec/drafters/ run them. Every module class offers the same
-training interface (forward -> loss, target_count, draft_depth, search_modes, offline_nodes), so
+training interface (forward -> loss, target_count, draft_depth, search_modes, offline_nodes, feature_layers), so
 training and evaluation never ask which kind they hold. files.py is the saved-drafter format.
 """
 

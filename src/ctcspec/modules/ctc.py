@@ -2,7 +2,9 @@
 predicts N draft slots at once (non-autoregressive).
 
 Context position j contributes a unit u_j = W [h_j ; E(x_{j+1})]: the base model's final (normed)
-hidden state fused with the embedding of the token that followed it. At the last position t the
+hidden state fused with the embedding of the token that followed it. With `feature_layers` (EAGLE-3's fused
+features), the states of those earlier base layers join it: u_j += W' [norm(h_j^a) ; norm(h_j^b) ...], W' starting
+at zero, so a drafter trained without them continues unchanged (a warm start may add them). At the last position t the
 next token is the tree's root, already chosen by the base model. The N slots are u_t plus a learned
 slot embedding each, at positions t+1 .. t+N; they attend to every context unit and to each other
 (bidirectionally or causally). With `num_layers` > 1 further layers refine the slots the same way,
@@ -45,6 +47,9 @@ TRAINING_ONLY = ("prefix_weight", "soft_weight")  # how a module was trained; it
 # What a warm start (train --init-from) may change: the parameters keep their shapes. A bidirectional drafter continues
 # as a causal one, for instance (vLLM drafts causally; docs/vllm.md).
 WARM_START_FREE = (*TRAINING_ONLY, "slot_attention")
+# What a warm start may add to a drafter that had none: new parameters whose contribution starts at zero.
+WARM_START_GROWS = ("feature_layers",)
+GROWN_PARAMETERS = ("feature_norms.", "feature_fuse.")
 LayerCaches = tuple[ContextCache, ...]  # one per draft layer
 
 
@@ -61,10 +66,14 @@ class CTCConfig:
     num_layers: int = 1            # draft layers over the slots
     prefix_weight: float = 0.0     # weight of the prefix term beside the CTC loss
     soft_weight: float = 0.0       # weight of the soft-target (KL) term
+    feature_layers: tuple[int, ...] = ()  # base layers (HF hidden_states indices) whose states join the last one
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))  # JSON gives a list
+        if len(set(self.feature_layers)) != len(self.feature_layers) or any(i < 0 for i in self.feature_layers):
+            raise ValueError("feature_layers must be distinct layer indices, each at least 0")
         if self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be a multiple of num_heads")
         if self.slot_attention not in SLOT_ATTENTION:
@@ -97,7 +106,8 @@ class CTCConfig:
 
 
 class CTCModule(nn.Module):
-    """Trainable parameters: fuse, slot_embed, layer (and more_layers), out_norm, extra_head. The base model's input
+    """Trainable parameters: fuse (and feature_norms, feature_fuse), slot_embed, layer (and more_layers), out_norm,
+    extra_head. The base model's input
     embedding and LM head rows (for `vocab_ids`) are frozen buffers, never saved with the drafter."""
 
     kind = "ctc"
@@ -112,6 +122,10 @@ class CTCModule(nn.Module):
         d = config.hidden_size
         self.config = config
         self.fuse = nn.Linear(2 * d, d, bias=False)
+        if config.feature_layers:
+            self.feature_norms = nn.ModuleList(RMSNorm(d, config.rms_eps) for _ in config.feature_layers)
+            self.feature_fuse = nn.Linear(len(config.feature_layers) * d, d, bias=False)
+            nn.init.zeros_(self.feature_fuse.weight)  # starts as the drafter without them
         self.slot_embed = nn.Parameter(torch.randn(config.num_slots, d) * 0.02)
         self.layer = DraftLayer(config)
         self.more_layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_layers - 1))
@@ -134,15 +148,27 @@ class CTCModule(nn.Module):
         return self.config.target_tokens
 
     @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """Base layers whose states the module reads beside the last layer's, concatenated after it in `hidden`."""
+        return self.config.feature_layers
+
+    @property
     def layers(self) -> list[DraftLayer]:
         """The draft layers in order; the first keeps its own name, so drafters saved with one layer still load."""
         return [self.layer, *self.more_layers]
 
     # -- pieces shared by training and inference ------------------------------------------------
     def context_units(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        """hidden (batch, t, d) of positions j; next_tokens (batch, t) = x_{j+1}."""
+        """hidden (batch, t, d × (1 + feature layers)) of positions j: the last layer's states, then each feature
+        layer's; next_tokens (batch, t) = x_{j+1}."""
         hidden = hidden.to(self.fuse.weight.dtype)
-        return self.fuse(torch.cat([hidden, F.embedding(next_tokens, self.embed_weight).to(hidden.dtype)], dim=-1))
+        d = self.config.hidden_size
+        embedded = F.embedding(next_tokens, self.embed_weight).to(hidden.dtype)
+        units = self.fuse(torch.cat([hidden[..., :d], embedded], dim=-1))
+        if not self.config.feature_layers:
+            return units
+        features = [norm(hidden[..., (i + 1) * d:(i + 2) * d]) for i, norm in enumerate(self.feature_norms)]
+        return units + self.feature_fuse(torch.cat(features, dim=-1))
 
     def slot_inputs(self, last_units: torch.Tensor) -> torch.Tensor:
         """(..., d) units of the last context position -> (..., N, d) slot inputs."""
@@ -264,11 +290,11 @@ class CTCModule(nn.Module):
         drafts, slots, k = drafts[keep], slots[keep], k[keep]
         if not len(k):
             return log_probs.sum() * 0.0
-        width = hidden.shape[1]
+        width, d = hidden.shape[1], c.hidden_size
         where = rows[drafts] * width + anchors[drafts] + 1 + k
         positions, inverse = where.unique(return_inverse=True)
         with torch.no_grad():
-            states = hidden.reshape(-1, hidden.shape[-1])[positions].to(self.head_weight.dtype)
+            states = hidden[..., :d].reshape(-1, d)[positions].to(self.head_weight.dtype)
             base = draft_vocab_logits(self, states).float().log_softmax(-1)[inverse]
         drafted = log_probs[slots, drafts, :c.draft_vocab_size]
         return (base.exp() * (base - drafted)).sum(-1).mean()

@@ -177,12 +177,16 @@ def read_drafter(directory: Path, model: torch.nn.Module, kind: str | None = Non
     return config, draft_config, vocab_ids, tensors
 
 
-def load_trained_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    """Copy a saved drafter's trained tensors (any float type) into `module`'s parameters."""
-    expected = dict(module.named_parameters())
+def load_trained_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path,
+                         grown: tuple[str, ...] = ()) -> None:
+    """Copy a saved drafter's trained tensors (any float type) into `module`'s parameters; those whose names start
+    with one of `grown` (a warm start adding parts, e.g. feature layers) may be absent and keep their initial
+    values."""
+    expected = {k: v for k, v in module.named_parameters()
+                if k in tensors or not any(k.startswith(prefix) for prefix in grown)}
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CtcspecError(f"{where / WEIGHTS_FILE} does not match its config.json (tensor names or shapes)")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=not grown)
 
 
 def load_drafter_module(directory: Path, model: torch.nn.Module, kind: str | None = None):

@@ -58,6 +58,7 @@ class HeadsModule(nn.Module):
     kind = "heads"
     search_modes = ("search",)  # best first over path log-probabilities; one held-out acceptance curve
     sequential_search = True    # expanding a node runs the module (once per node)
+    feature_layers: tuple[int, ...] = ()  # the heads read the base model's last layer only
 
     def __init__(self, config: HeadsConfig, vocab_ids: torch.Tensor, embed_weight: torch.Tensor,
                  head_weight: torch.Tensor, head_bias: torch.Tensor | None = None):

@@ -110,10 +110,20 @@ def draft_targets(module, tokens: torch.Tensor, lengths: torch.Tensor, anchors: 
 
 
 @torch.no_grad()
-def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor, feature_layers: Sequence[int] = ()) -> torch.Tensor:
+    """The base model's last (normed) hidden states of a padded batch, then those of `feature_layers` (HF
+    hidden_states indices), concatenated on the last dimension: what a drafter reading those layers gets."""
     mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()
     out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1]
+    return torch.cat([out.hidden_states[-1], *(out.hidden_states[i] for i in feature_layers)], dim=-1)
+
+
+def check_feature_layers(feature_layers: Sequence[int], model) -> None:
+    """Feature layers name base layers before the last (whose states every drafter reads anyway)."""
+    last = model.config.num_hidden_layers if feature_layers else 0
+    if any(not 0 <= i < last for i in feature_layers):
+        raise CtcspecError(f"--feature-layers: the base model's layers are 0 (embeddings) .. {last - 1} beside the "
+                           f"last; got {', '.join(map(str, feature_layers))}")
 
 
 def _ids_key(ids: list[int]) -> str:
@@ -134,23 +144,29 @@ def open_hidden_cache(path: Path, model) -> Path:
 
 @torch.no_grad()
 def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torch.Tensor,
-                 cache_dir: Path | None) -> torch.Tensor:
-    """Base hidden states of a padded batch; with `cache_dir`, each sequence's states are computed
-    once and kept on disk (fp16), so several drafters trained on the same data pay the base forward once."""
+                 cache_dir: Path | None, feature_layers: Sequence[int] = ()) -> torch.Tensor:
+    """`base_hidden` of a padded batch; with `cache_dir`, each sequence's states of each layer are computed
+    once and kept on disk (fp16, a file per layer), so drafters trained on the same data pay the base forward once,
+    whichever layers they read."""
     if cache_dir is None:
-        return base_hidden(model, tokens, lengths)
-    paths = [cache_dir / f"{_ids_key(s['ids'][:int(n)])}.npy" for s, n in zip(samples, lengths.tolist(), strict=True)]
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
+        return base_hidden(model, tokens, lengths, feature_layers)
+    keys = [_ids_key(s["ids"][:int(n)]) for s, n in zip(samples, lengths.tolist(), strict=True)]
+    suffixes = ["", *(f".layer{i}" for i in feature_layers)]  # the last layer keeps the cache's first format
+    paths = [[cache_dir / f"{key}{suffix}.npy" for suffix in suffixes] for key in keys]
+    missing = [i for i, row in enumerate(paths) if not all(p.exists() for p in row)]
     if missing:
         rows = torch.tensor(missing, device=tokens.device)
-        computed = base_hidden(model, tokens[rows], lengths[rows]).to("cpu", torch.float16)
+        computed = base_hidden(model, tokens[rows], lengths[rows], feature_layers).to("cpu", torch.float16)
+        d = model.config.hidden_size
         for row, i in enumerate(missing):
-            tmp = paths[i].with_suffix(".tmp.npy")
-            np.save(tmp, computed[row, :int(lengths[i])].numpy())
-            tmp.replace(paths[i])  # atomic: a killed run never leaves half a file behind
-    hidden = torch.zeros(*tokens.shape, model.config.hidden_size, dtype=model.dtype)
-    for i, p in enumerate(paths):
-        states = torch.from_numpy(np.load(p))
+            for part, path in enumerate(paths[i]):
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, computed[row, :int(lengths[i]), part * d:(part + 1) * d].numpy())
+                tmp.replace(path)  # atomic: a killed run never leaves half a file behind
+    width = model.config.hidden_size * len(suffixes)
+    hidden = torch.zeros(*tokens.shape, width, dtype=model.dtype)
+    for i, row in enumerate(paths):
+        states = torch.cat([torch.from_numpy(np.load(p)) for p in row], dim=-1)
         hidden[i, :states.shape[0]] = states.to(hidden.dtype)
     return hidden.to(tokens.device)
 

@@ -36,7 +36,7 @@ def acceptance_curve(module, model, samples: list[dict], mode: str | None = None
         tokens, lengths, prompt_lens = pad_batch([sample], max_length, device)
         anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), max_anchors, [generator])
         anchors, valid = anchors.to(device), valid.to(device)
-        hidden = base_hidden(model, tokens, lengths)
+        hidden = base_hidden(model, tokens, lengths, module.feature_layers)
         truth, truth_lengths = draft_targets(module, tokens, lengths, anchors, valid, module.draft_depth)
         kept = [a for a in range(anchors.shape[1]) if bool(valid[0, a])]
         if not kept:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import KINDS, build_module
-from ctcspec.modules.ctc import LOSSES, SLOT_ATTENTION, WARM_START_FREE, CTCConfig
+from ctcspec.modules.ctc import GROWN_PARAMETERS, LOSSES, SLOT_ATTENTION, WARM_START_FREE, WARM_START_GROWS, CTCConfig
 from ctcspec.modules.files import drafter_base, load_trained_weights, read_drafter, save_drafter
 from ctcspec.modules.heads import HeadsConfig
 from ctcspec.modules.layers import LAYER_INITS, base_rope_theta, copy_base_layer
@@ -36,6 +36,7 @@ from ctcspec.training.data import (
     batch_hidden,
     batch_order,
     check_data_base,
+    check_feature_layers,
     choose_anchors,
     draft_targets,
     draft_vocabulary,
@@ -63,6 +64,8 @@ class TrainConfig:
     num_layers: int = 1              # ctc: draft layers over the slots
     prefix_weight: float = 0.0       # ctc: weight of -log P(draft starts with the first k targets) beside CTC
     soft_weight: float = 0.0         # ctc: weight of the KL term to the base model's next-token distributions
+    feature_layers: str = ""         # ctc: base layers whose states join the last layer's, e.g. "8,16"; empty: none,
+                                     # or the warm start's
     draft_vocab: int = 8192          # most frequent answer tokens; 0 = the whole vocabulary
     steps: int = 0                   # optimizer steps; 0 = `epochs` passes over the data
     epochs: float = 2.0
@@ -110,8 +113,23 @@ class TrainConfig:
         if self.layer_init != "random" and self.num_layers != 1:
             raise CtcspecError("--layer-init base copies the base model's last layer into one draft layer; "
                                "use it with --num-layers 1")
+        try:
+            layers = self.feature_layer_ids
+        except ValueError:
+            raise CtcspecError(f"--feature-layers must be comma-separated layer numbers, got {self.feature_layers!r}")\
+                from None
+        if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+            raise CtcspecError(f"--feature-layers must be distinct layer numbers of at least 0, "
+                               f"got {self.feature_layers!r}")
+        if self.kind != "ctc" and layers:
+            raise CtcspecError("--feature-layers is for --kind ctc")
         if self.init_from and self.layer_init != "random":
             raise CtcspecError("--init-from starts from a trained drafter's layer; --layer-init base would replace it")
+
+
+    @property
+    def feature_layer_ids(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.feature_layers.split(",") if i.strip())
 
 
 def _lr_factor(step: int, total: int, warmup: float) -> float:
@@ -133,12 +151,13 @@ def module_config(config: TrainConfig, model, draft_vocab_size: int) -> CTCConfi
                 like_base = {"rope_theta": base_rope_theta(model), "rms_eps": float(model.config.rms_norm_eps)}
             except (AttributeError, ValueError) as exc:
                 raise CtcspecError(f"--layer-init base: {exc}") from None
+        check_feature_layers(config.feature_layer_ids, model)
         return CTCConfig(hidden_size=hidden_size, num_heads=model.config.num_attention_heads,
                            intermediate_size=config.intermediate_size or base_inner,
                            draft_vocab_size=draft_vocab_size, num_slots=config.num_slots,
                            target_tokens=config.target_tokens, slot_attention=config.slot_attention,
                            loss=config.loss, num_layers=config.num_layers, prefix_weight=config.prefix_weight,
-                           soft_weight=config.soft_weight, **like_base)
+                           soft_weight=config.soft_weight, feature_layers=config.feature_layer_ids, **like_base)
     if config.kind not in KINDS:
         raise CtcspecError(f"unknown drafter kind {config.kind!r}; choose from: {', '.join(KINDS)}")
     inner = config.intermediate_size or (base_inner if config.kind == "eagle" else 1024)
@@ -199,7 +218,8 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     torch.manual_seed(config.seed)
     module = build_module(config.kind, draft_config, vocab_ids, model)
     if init is not None and state is None:
-        load_trained_weights(module, init[3], Path(config.init_from))
+        grown = GROWN_PARAMETERS if module.feature_layers != getattr(init[1], "feature_layers", ()) else ()
+        load_trained_weights(module, init[3], Path(config.init_from), grown)
     elif config.layer_init == "base" and state is None:
         try:
             copy_base_layer(module.layer, model)
@@ -241,7 +261,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         generators = [anchor_generator(config.seed, step, train_set[i]["index"]) for i in share]
         anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generators)
         anchors, valid = anchors.to(device), valid.to(device)
-        hidden = batch_hidden(model, [train_set[i] for i in share], tokens, lengths, cache_dir)
+        hidden = batch_hidden(model, [train_set[i] for i in share], tokens, lengths, cache_dir, inner.feature_layers)
         targets, target_lengths = draft_targets(inner, tokens, lengths, anchors, valid, inner.target_count)
         loss = module(hidden, tokens, anchors, targets, target_lengths)  # through the wrapper: accelerate syncs
         accelerator.backward(loss)
@@ -293,21 +313,24 @@ def _out_of_time(accelerator, here: bool) -> bool:
 
 
 def warm_start_config(config: TrainConfig, saved_draft) -> TrainConfig:
-    """The options left to their defaults settled: a warm start keeps the saved drafter's MLP width and slot attention
-    unless asked for others (--intermediate-size 0 and an empty --slot-attention mean the kind's default, or the warm
-    start's); slots attend bidirectionally by default."""
+    """The options left to their defaults settled: a warm start keeps the saved drafter's MLP width, slot attention
+    and feature layers unless asked for others (--intermediate-size 0, an empty --slot-attention or --feature-layers
+    mean the kind's default, or the warm start's); slots attend bidirectionally by default."""
     if saved_draft is None:
         return replace(config, slot_attention=config.slot_attention or "bidirectional")
+    saved_layers = ",".join(map(str, getattr(saved_draft, "feature_layers", ())))
     return replace(config, intermediate_size=config.intermediate_size or saved_draft.intermediate_size,
-                   slot_attention=config.slot_attention or getattr(saved_draft, "slot_attention", "bidirectional"))
+                   slot_attention=config.slot_attention or getattr(saved_draft, "slot_attention", "bidirectional"),
+                   feature_layers=config.feature_layers or saved_layers)
 
 
 def _check_same_shape(init_from: str, saved, wanted) -> None:
-    """A warm start needs the saved drafter's parameter shapes (not its loss weights or slot attention); name every
-    option that differs."""
+    """A warm start needs the saved drafter's parameter shapes (not its loss weights or slot attention; feature layers
+    may be added to a drafter without them); name every option that differs."""
+    grows = [name for name in WARM_START_GROWS if not getattr(saved, name, None)]
     differing = [f"{name} {getattr(saved, name)!r} (these options give {getattr(wanted, name)!r})"
                  for name in saved.to_dict()
-                 if name not in WARM_START_FREE and getattr(saved, name) != getattr(wanted, name)]
+                 if name not in (*WARM_START_FREE, *grows) and getattr(saved, name) != getattr(wanted, name)]
     if not differing:
         return
     raise CtcspecError(f"--init-from {init_from}: the saved drafter has " + ", ".join(differing) +

@@ -1,0 +1,132 @@
+"""CTC drafters reading several base layers (--feature-layers, EAGLE-3's fused features): the backends return the
+layers HF's hidden_states hold, inference equals training, decoding stays identical to HF greedy on two
+architectures and both torch backends, a warm start may add the layers without changing what the drafter drafts,
+the hidden-state cache keeps each layer, and what cannot run is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ctc_helpers import tiny_module, write_distilled
+
+from conftest import hf_greedy, run_cli, tiny_model
+from ctcspec.backends import HFBackend, StaticBackend
+from ctcspec.drafters.ctc import CTCDrafter
+from ctcspec.engine import SpeculativeEngine
+from ctcspec.errors import CtcspecError
+from ctcspec.modules import build_module
+from ctcspec.modules.files import load_drafter_module
+from ctcspec.training.data import base_hidden, batch_hidden, open_hidden_cache, pad_batch, read_data
+from ctcspec.training.train import TrainConfig, train
+
+LAYERS = (1, 0)  # the tiny models have two layers: the output of the first, then the embeddings
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def _features(model, tokens: torch.Tensor, layers=LAYERS) -> torch.Tensor:
+    states = model(input_ids=tokens, output_hidden_states=True).hidden_states
+    return torch.cat([states[-1], *(states[i] for i in layers)], dim=-1)
+
+
+def test_incremental_inference_equals_training_forward(llama):
+    module = tiny_module(llama, feature_layers=LAYERS)
+    tokens = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = _features(llama, tokens)
+        trained = module.training_logits(hidden, tokens, torch.tensor([[9, 25]])).log_softmax(-1)[0]
+        cache, done = None, 0
+        for k, cut in enumerate((10, 26)):
+            units = module.context_units(hidden[:, done:cut], tokens[:, done + 1:cut + 1])
+            cache, done = module.extend(cache, units, done), cut
+            torch.testing.assert_close(module.draft_log_probs(cache, units[:, -1]), trained[k], rtol=1e-4, atol=1e-4)
+        # the earlier layers matter: other states there give other slots
+        moved = hidden.clone()
+        moved[..., llama.config.hidden_size:] += 1.0
+        assert not torch.allclose(module.training_logits(moved, tokens, torch.tensor([[9, 25]])).log_softmax(-1)[0],
+                                  trained)
+
+
+def test_new_feature_layers_start_as_the_drafter_without_them(llama):
+    plain = tiny_module(llama, seed=3)
+    torch.manual_seed(0)
+    grown = build_module("ctc", plain.config.__class__(**{**plain.config.to_dict(), "feature_layers": LAYERS}),
+                         plain.vocab_ids, llama)
+    missing, _ = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(name.startswith(("feature_norms.", "feature_fuse.")) for name in missing)
+    tokens = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = _features(llama, tokens)
+        torch.testing.assert_close(grown.training_logits(hidden, tokens, torch.tensor([[12]])),
+                                   plain.training_logits(hidden[..., :llama.config.hidden_size], tokens,
+                                                         torch.tensor([[12]])))
+
+
+@pytest.mark.parametrize("backend", [StaticBackend, HFBackend])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoding_with_feature_layers_identical_to_hf_generate(arch, backend):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(5)
+    for i in range(4):
+        prompt = torch.randint(2, 96, (4 + 9 * i,), generator=gen).tolist()
+        drafter = CTCDrafter(tiny_module(model, seed=i, feature_layers=LAYERS[: 1 + i % 2]), tree_budget=3 + 4 * i)
+        got = SpeculativeEngine(model, drafter, backend=backend(model)).generate(prompt, 32)
+        assert got.tokens == hf_greedy(model, prompt, 32), f"{arch} prompt {i}"
+
+
+def test_a_backend_without_earlier_layers_is_refused(llama):
+    class LastLayerOnly(HFBackend):
+        earlier_layers = False
+
+    drafter = CTCDrafter(tiny_module(llama, feature_layers=LAYERS))
+    with pytest.raises(CtcspecError, match=r"reads base layers \[1, 0\].*--backend static or hf"):
+        SpeculativeEngine(llama, drafter, backend=LastLayerOnly(llama))
+
+
+def test_hidden_cache_keeps_every_layer(llama, tmp_path):
+    samples = read_data([write_distilled(llama, tmp_path / "data", count=6)])
+    tokens, lengths, _ = pad_batch(samples[:3], 1024, "cpu")
+    direct = base_hidden(llama, tokens, lengths, LAYERS)
+    cache = open_hidden_cache(tmp_path / "cache", llama)
+    cached = [batch_hidden(llama, samples[:3], tokens, lengths, cache, LAYERS) for _ in range(2)]
+    last_only = batch_hidden(llama, samples[:3], tokens, lengths, cache)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3 * 3
+    for got in cached:
+        for row, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(got[row, :n], direct[row, :n], atol=2e-3, rtol=2e-3)  # fp16 on disk
+    torch.testing.assert_close(last_only, cached[0][..., :llama.config.hidden_size])
+
+
+def _config(**overrides):
+    options = dict(steps=6, batch_size=8, anchors_per_sequence=8, draft_vocab=48, eval_every=6, checkpoint_every=6,
+                   heldout_every=8, final_eval_samples=2, num_slots=4, target_tokens=3)
+    return TrainConfig(**{**options, **overrides})
+
+
+def test_training_and_warm_starts_with_feature_layers(llama, tmp_path):
+    data = write_distilled(llama, tmp_path / "data")
+    train(llama, [data], tmp_path / "plain", _config(), progress=False)
+    summary = train(llama, [data], tmp_path / "grown", _config(init_from=str(tmp_path / "plain"),
+                                                               feature_layers="1,0"), progress=False)
+    assert summary["config"]["feature_layers"] == "1,0" and summary["warm_start"]["rounds"] == 2
+    module, config = load_drafter_module(tmp_path / "grown", llama)
+    assert module.feature_layers == LAYERS and config["draft"]["feature_layers"] == [1, 0]
+    again = train(llama, [data], tmp_path / "again", _config(init_from=str(tmp_path / "grown")), progress=False)
+    assert again["config"]["feature_layers"] == "1,0"  # a warm start keeps them
+    with pytest.raises(CtcspecError, match="feature_layers"):
+        train(llama, [data], tmp_path / "other", _config(init_from=str(tmp_path / "grown"), feature_layers="0"),
+              progress=False)
+
+
+def test_feature_layer_user_errors(capsys, tmp_path, tiny_model_dir):
+    data = write_distilled(tiny_model("llama"), tmp_path / "data", count=8)
+    common = ("train", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "d", "--steps", 1)
+    for value, expected in (("a,b", "comma-separated layer numbers"), ("1,1", "distinct"),
+                            ("2", "0 (embeddings) .. 1")):
+        code, _, err = run_cli(capsys, *common, "--feature-layers", value)
+        assert code == 2 and expected in err and "Traceback" not in err, (value, err)
+    code, _, err = run_cli(capsys, *common, "--kind", "medusa", "--feature-layers", "1")
+    assert code == 2 and "for --kind ctc" in err
