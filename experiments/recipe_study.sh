@@ -9,6 +9,9 @@
 # Variants combine with '+' (VARIANTS="prefix n4k3+prefix prefix-2 shipped warm+prefix+lr-0.0003"); RUN puts
 # them apart from the data, so a second study at other steps reuses the set and its cache:
 #   RUN=runs/study/steps800 STEPS=800 VARIANTS="reference prefix" bash experiments/recipe_study.sh
+# On the data store instead of a set of its own (issue 25's fused-feature study; scored on the held-out split of its
+# chat sources, CHAT):
+#   DATA=data/smollm2-135m-instruct RUN=runs/study25 VARIANTS="prefix+fused prefix" bash experiments/recipe_study.sh
 # Resumable: a distillation cut short resumes (one that ended, at its time limit or not, fixes the set), a variant
 # cut short resumes from its checkpoint, a finished one is kept.
 set -euo pipefail
@@ -21,13 +24,17 @@ STEPS=${STEPS:-200}
 BATCH=${BATCH:-8}                 # sequences per step, and drafts per sequence: a CPU-sized step (the GPU's is 32 x 64)
 ANCHORS=${ANCHORS:-32}
 VARIANTS=${VARIANTS:-reference base-layer more-anchors n8k6 n4k3 prefix soft two-layers}
+DATA=${DATA:-}                    # a data store (or distilled directory) to train on instead of distilling a set
+CHAT=${CHAT:-alpaca_eval/instructions.jsonl,styled}  # with DATA: the sources scored
+ANCHORS_EVAL=${ANCHORS_EVAL:-256}   # draft positions per held-out sequence when scoring
 THREADS=${THREADS:-2}
 SHIPPED=${SHIPPED:-src/ctcspec/data/drafters/smollm2-135m-instruct-ctc}  # variant "shipped": scored, not trained
 mkdir -p "$OUT"
 limit=(); [ "$DISTILL_S" = 0 ] || limit=(--time-limit-s "$DISTILL_S")
-[ -s "$OUT/distill.json" ] || ctcspec distill --threads "$THREADS" --prompts "$GSM8K_TRAIN" --styled --round 0 \
+[ -n "$DATA" ] || [ -s "$OUT/distill.json" ] || ctcspec distill --threads "$THREADS" --prompts "$GSM8K_TRAIN" --styled --round 0 \
     --round-size "$SIZE" --batch-size 48 "${limit[@]}" --out "$OUT/data" > "$OUT/distill.json"  # then the set is fixed
-common=(--threads "$THREADS" --data "$OUT/data" --steps "$STEPS" --batch-size "$BATCH" --eval-every 100000
+data=${DATA:-$OUT/data}
+common=(--threads "$THREADS" --data "$data" --steps "$STEPS" --batch-size "$BATCH" --eval-every 100000
         --final-eval-samples 64 --hidden-cache "$OUT/hidden-cache")
 variant_args() {  # a variant's training options; a variant is parts joined by '+', e.g. n4k3+prefix-2
     args=()
@@ -43,6 +50,8 @@ variant_args() {  # a variant's training options; a variant is parts joined by '
             prefix-*) args+=(--prefix-weight "${part#prefix-}") ;;   # ... with this weight
             soft) args+=(--soft-weight 1) ;;                         # KL to the base model's distributions
             two-layers) args+=(--num-layers 2) ;;
+            fused) args+=(--feature-layers 2,15,27) ;;               # EAGLE-3's low / middle / high layers
+            fused-*) args+=(--feature-layers "${part#fused-}") ;;    # ... these layers (fused-8,16)
             warm) args+=(--init-from "$SHIPPED") ;;                  # continue the shipped drafter, as a GPU round does
             lr-*) args+=(--lr "${part#lr-}") ;;                      # peak learning rate
             *) echo "recipe_study: unknown variant part $part (in $1)" >&2; exit 2 ;;
@@ -60,11 +69,13 @@ for variant in $VARIANTS; do
         --out "$RUN/$variant" > "$RUN/$variant.json" 2> "$RUN/$variant.log"
 done
 paths=(); for variant in $VARIANTS; do paths+=(--drafter-path "$(drafter_dir "$variant")"); done
-score() {  # score every variant on the held-out split of data dir $1, side by side
+score() {  # score every variant on the held-out split of data dir $1 (of sources $3, when given), side by side
+    local sources=(); [ -z "${3:-}" ] || sources=(--sources "$3")
     ctcspec eval --threads 1 --data "$1" "${paths[@]}" --transforms beam --budgets 1,2,4,8,16,32 --samples 64 \
-        --anchors 256 --json "$RUN/eval$2.json" | tee "$RUN/eval$2.txt"
+        --anchors "$ANCHORS_EVAL" "${sources[@]}" --json "$RUN/eval$2.json" | tee "$RUN/eval$2.txt"
 }
-score "$OUT/data" ""
+if [ -n "$DATA" ]; then score "$DATA" -chat "$CHAT"; exit 0; fi  # the store's chat part (held-out split: by prompt)
+score "$data" ""
 # The styled requests alone: the shipped drafter trained on most GSM8K train answers, never on these
 if [ ! -s "$OUT/styled/samples.jsonl" ]; then  # written whole or not at all
     mkdir -p "$OUT/styled" && cp "$OUT/data/meta.json" "$OUT/styled/"

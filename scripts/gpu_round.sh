@@ -7,7 +7,7 @@
 #    earlier round's), answered greedily in DTYPE with large batches; the first CHECK_FP32 answers are redone in
 #    float32 to show what DTYPE does to the targets.
 # 2. train: the CTC drafter continues from INIT (--init-from: rounds accumulate) for STEPS steps on the round's
-#    data; beside it, on the same data for the same steps, each of BASELINES (kind:init-dir) continues too.
+#    data and the data store (STORE, which distil skips the prompts of); beside it, on the same data for the same steps, each of BASELINES (kind:init-dir) continues too.
 # 3. eval: INIT and the new drafter's held-out acceptance on the round's held-out split (every 50th prompt,
 #    never trained on), side by side.
 # OUT gets at most 8 files: ctc/ (the new drafter: 2 files), round.json (each phase's end time and exit code,
@@ -30,6 +30,8 @@ SHIPPED=$ROOT/src/ctcspec/data/drafters/smollm2-135m-instruct
 INIT=${INIT:-$SHIPPED-ctc}
 BASELINES=${BASELINES-medusa:$SHIPPED-medusa hydra:$SHIPPED-hydra eagle:$SHIPPED-eagle}
 PROMPT_FILES=${PROMPT_FILES:-}        # extra training prompt files (evaluation sets are refused)
+STORE=${STORE-$ROOT/data/smollm2-135m-instruct}  # the data store (docs/ctc.md): its prompts are not answered again,
+                                      # and training reads it beside the round's data; empty: none
 ROUND_SIZE=${ROUND_SIZE:-12000}       # prompts per source per round: the 91,584 styled requests last 7 rounds
 SELF_INSTRUCT=${SELF_INSTRUCT:-2048}
 MAX_NEW=${MAX_NEW:-256}
@@ -119,16 +121,17 @@ if [ "$code" -ne 0 ]; then
 fi
 
 files=(); for f in $PROMPT_FILES; do files+=(--prompts "$f"); done
+store=(); [ -z "$STORE" ] || store=(--store "$STORE")
 timeout "$(cap $((DISTILL_S + 90)))" "$PYTHON" -m ctcspec distill --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
     --styled "${files[@]}" --round "$ROUND" --round-size "$ROUND_SIZE" --self-instruct "$SELF_INSTRUCT" \
     --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" --time-limit-s "$DISTILL_S" --check-float32 "$CHECK_FP32" \
-    --out "$WORK/data" > "$WORK/distill.json" 2> "$WORK/logs/distill.log"
+    "${store[@]}" --out "$WORK/data" > "$WORK/distill.json" 2> "$WORK/logs/distill.log"
 phase distill $? required
 
 train() {  # kind init-dir out-dir [options of this kind]
     # shellcheck disable=SC2086  # TRAIN_OPTS is a list of options
     timeout "$(cap $((TRAIN_S + 90)))" "$PYTHON" -m ctcspec train --model "$MODEL" --device "$DEVICE" --kind "$1" \
-        --init-from "$2" --data "$WORK/data" --steps "$STEPS" --lr "$LR" --time-limit-s "$TRAIN_S" $TRAIN_OPTS \
+        --init-from "$2" --data "$WORK/data" ${STORE:+"$STORE"} --steps "$STEPS" --lr "$LR" --time-limit-s "$TRAIN_S" $TRAIN_OPTS \
         "${@:4}" --out "$3" > "$WORK/logs/train-$1.json" 2> "$WORK/logs/train-$1.log"
 }
 # shellcheck disable=SC2086  # CTC_OPTS is a list of options

@@ -26,6 +26,7 @@ from ctcspec.modules import module_config as module_config_of
 from ctcspec.modules.ctc import CTCConfig
 from ctcspec.modules.files import read_config, shipped_drafter_dir
 from ctcspec.modules.layers import DraftLayer, base_rope_theta, copy_base_layer
+from ctcspec.training.data import read_data
 from ctcspec.training.distill import read_samples, round_slice, styled_prompts, templated_prompts
 from ctcspec.training.train import TrainConfig, module_config, warm_start_config
 
@@ -186,13 +187,14 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     never lost to a crash or a missing file."""
     if shutil.which("xz") is None:
         pytest.skip("xz is needed to pack the round's data")
-    out = tmp_path / "out"
+    out, store = tmp_path / "out", tmp_path / "store"
+    assert main(["store", str(tiny_data / "data"), "--into", str(store), "--check-float32", "0"]) == 0
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MODEL": str(tiny_model_dir), "DEVICE": "cpu", "DTYPE": "bfloat16", "INIT": str(tiny_data / "ctc"),
            "BASELINES": f"medusa:{tiny_data / 'medusa'}", "ROUND_SIZE": "48", "SELF_INSTRUCT": "4", "MAX_NEW": "12",
            "BATCH": "16", "CHECK_FP32": "4", "STEPS": "4", "TRAIN_OPTS": " ".join(map(str, TINY_CTC)),
-           "ROUND_S": "1500", "DISTILL_S": "300", "TRAIN_S": "300", "EVAL_S": "300", "WORK": str(tmp_path / "work"),
-           "OMP_NUM_THREADS": "1"}
+           "ROUND_S": "1500", "STORE": str(store), "DISTILL_S": "300", "TRAIN_S": "300", "EVAL_S": "300",
+           "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_round.sh"), str(out), "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -205,11 +207,14 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     assert all(phase["exit"] == 0 for phase in record["phases"].values())
     assert record["distill"]["answered"] == 52 and record["distill"]["float32_check"]["answers"] == 4
     assert record["train"]["steps"] == 4 and record["train"]["warm_start"]["rounds"] == 2
+    assert record["train"]["data"][1] == str(store)  # the round trains on the store's 40 answers too
+    trained = record["train"]["train_samples"] + record["train"]["heldout_samples"]
+    assert trained == len(read_data([tmp_path / "work" / "data", store])) > len(read_data([store])) == 40
     assert record["baselines"]["medusa"]["steps"] == 4
     assert record["train"]["config"]["lr"] == record["baselines"]["medusa"]["config"]["lr"] == 3e-4  # warm-start rate
     assert set(record["heldout"]["current"]) == set(record["heldout"]["new"]) and isinstance(record["better"], bool)
     with tarfile.open(out / "distilled.tar.xz") as packed:
-        assert {"./samples.jsonl", "./meta.json", "./self_instruct.jsonl"} <= set(packed.getnames())
+        assert {"./samples.jsonl", "./meta.json", "./runs.jsonl", "./self_instruct.jsonl"} <= set(packed.getnames())
     with tarfile.open(out / "medusa.tar") as packed:
         assert {"medusa/config.json", "medusa/model.safetensors"} <= set(packed.getnames())
 
