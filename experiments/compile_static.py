@@ -70,7 +70,9 @@ class CompiledStatic(StaticBackend):
         return self.decoder.norm(x)
 
     @torch.inference_mode()
-    def forward(self, cache, tokens, parents, want_hidden=False):
+    def forward(self, cache, tokens, parents, hidden_layers=None):
+        if hidden_layers:
+            raise ValueError("this experiment returns the last layer's states only")
         past, q = cache.length, len(tokens)
         self._reserve(cache, past + q)
         ids = torch.tensor([tokens])
@@ -86,7 +88,7 @@ class CompiledStatic(StaticBackend):
         else:
             hidden = self.loop(x, cos, sin, cache.keys, cache.values, past, mask, causal)
         cache.length = past + q
-        return ForwardResult(self.model.lm_head(hidden)[0], hidden[0] if want_hidden else None)
+        return ForwardResult(self.model.lm_head(hidden)[0], hidden[0] if hidden_layers is not None else None)
 
 
 def largest_differences(eager: StaticBackend, compiled: StaticBackend, vocab: int) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from ctc_helpers import tiny_module, write_distilled
 
 from conftest import hf_greedy, run_cli, tiny_model
 from ctcspec.backends import HFBackend, StaticBackend
+from ctcspec.drafters.base import DraftRequest
 from ctcspec.drafters.ctc import CTCDrafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
@@ -77,6 +78,39 @@ def test_decoding_with_feature_layers_identical_to_hf_generate(arch, backend):
         assert got.tokens == hf_greedy(model, prompt, 32), f"{arch} prompt {i}"
 
 
+@pytest.mark.parametrize("backend", [StaticBackend, HFBackend])
+def test_the_drafter_gets_the_layers_hf_computes_at_the_accepted_positions(llama, backend):
+    """What reaches the drafter, request by request, is HF's hidden_states[-1], [1] and [0] of the positions accepted
+    since the last request, concatenated: the right layers, positions and order."""
+    seen = []
+
+    class Spy(CTCDrafter):
+        def propose(self, request):
+            seen.append((len(request.tokens), request.new_hidden.clone()))
+            return super().propose(request)
+
+    prompt = [5, 17, 33, 8, 61, 2]
+    out = SpeculativeEngine(llama, Spy(tiny_module(llama, feature_layers=LAYERS), tree_budget=6),
+                            backend=backend(llama)).generate(prompt, 24)
+    sequence = torch.tensor([prompt + out.tokens])
+    with torch.no_grad():
+        expected = _features(llama, sequence)[0]
+    done = 0
+    for length, hidden in seen:  # the states of positions done .. length - 2 (the root's comes with the next step)
+        assert hidden.shape == (length - 1 - done, 3 * llama.config.hidden_size)
+        torch.testing.assert_close(hidden, expected[done:length - 1], atol=1e-4, rtol=1e-4)
+        done = length - 1
+    assert len(seen) > 2
+
+
+def test_feature_layers_the_model_lacks_are_refused(llama):
+    with pytest.raises(CtcspecError, match=r"reads base layers \[2\]; this model has layers 0 .. 1"):
+        SpeculativeEngine(llama, CTCDrafter(tiny_module(llama, feature_layers=(2,))))
+    drafter = CTCDrafter(tiny_module(llama, feature_layers=LAYERS))
+    with pytest.raises(CtcspecError, match="reads 192 hidden features per position"):
+        drafter.propose(DraftRequest(torch.tensor([3, 4, 5]), 4, new_hidden=torch.zeros(2, 64)))
+
+
 def test_a_backend_without_earlier_layers_is_refused(llama):
     class LastLayerOnly(HFBackend):
         earlier_layers = False
@@ -89,14 +123,23 @@ def test_a_backend_without_earlier_layers_is_refused(llama):
 def test_hidden_cache_keeps_every_layer(llama, tmp_path):
     samples = read_data([write_distilled(llama, tmp_path / "data", count=6)])
     tokens, lengths, _ = pad_batch(samples[:3], 1024, "cpu")
-    direct = base_hidden(llama, tokens, lengths, LAYERS)
+    raw = base_hidden(llama, tokens, lengths, LAYERS)
+    direct = raw.clone()
     cache = open_hidden_cache(tmp_path / "cache", llama)
     cached = [batch_hidden(llama, samples[:3], tokens, lengths, cache, LAYERS) for _ in range(2)]
     last_only = batch_hidden(llama, samples[:3], tokens, lengths, cache)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3 * 3
+    d = llama.config.hidden_size
+    earlier = direct[..., d:].unflatten(-1, (-1, d))
+    direct[..., d:] = (earlier * torch.rsqrt(earlier.pow(2).mean(-1, keepdim=True))).flatten(-2)  # kept normalised
+    module = tiny_module(llama, feature_layers=LAYERS)
     for got in cached:
         for row, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(got[row, :n], direct[row, :n], atol=2e-3, rtol=2e-3)  # fp16 on disk
+        with torch.no_grad():  # what the module makes of them is what it makes of the raw states
+            units, raw_units = module.context_units(got, tokens), module.context_units(raw, tokens)
+        for row, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(units[row, :n], raw_units[row, :n], atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(last_only, cached[0][..., :llama.config.hidden_size])
 
 

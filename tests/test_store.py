@@ -8,6 +8,7 @@ import lzma
 import random
 
 import pytest
+import torch
 
 from conftest import run_cli
 from ctcspec.errors import CtcspecError
@@ -123,15 +124,66 @@ def test_distill_store_train_and_eval_commands(capsys, tmp_path, tiny_model_dir)
 def test_store_and_distill_user_errors(capsys, tmp_path, tiny_model_dir):
     code, _, err = run_cli(capsys, "store", "--into", tmp_path / "s")
     assert code == 2 and "not a data store yet" in err
-    code, _, err = run_cli(capsys, "store", tmp_path / "missing", "--into", tmp_path / "s")
-    assert code == 2 and "missing" in err
+    code, _, err = run_cli(capsys, "store", tmp_path / "absent", "--into", tmp_path / "s")
+    assert code == 2 and "is not a directory written by ctcspec distill" in err
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "store", tmp_path / "empty", "--into", tmp_path / "s", "--check-float32", 0)
     assert code == 2 and "meta.json" in err
     code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--templated", "--store", tmp_path / "empty",
                            "--out", tmp_path / "d")
     assert code == 2 and "is not a data store" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "samples.jsonl").write_text("")
+    code, _, err = run_cli(capsys, "store", tmp_path / "empty", "--into", tmp_path / "busy")
+    assert code == 2 and "holds other files" in err  # a distill directory never silently becomes a store
     store = tmp_path / "other"
     add_shard(store, "x", _samples(60), BASE, {})
     code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", store, "--out", tmp_path / "x")
     assert code == 2 and "another base model" in err
+    code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--templated", "--store", store, "--out",
+                           tmp_path / "d2")
+    assert code == 2 and "another base model" in err and not (tmp_path / "d2").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"base": BASE, "max_new_tokens": 8}))
+    (foreign / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in _samples(3)))
+    code, _, err = run_cli(capsys, "store", foreign, "--into", tmp_path / "new", "--model", tiny_model_dir)
+    assert code == 2 and "another base model" in err and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m.pop("base"), lambda m: m.update(base="x"), lambda m: m["shards"].append("x"),
+    lambda m: m["shards"][0].pop("sources"), lambda m: m["shards"][0].update(bytes="many")])
+def test_a_damaged_manifest_is_one_line(capsys, tmp_path, damage):
+    store = tmp_path / "store"
+    add_shard(store, "one", _samples(10), BASE, {})
+    manifest = json.loads((store / MANIFEST).read_text())
+    damage(manifest)
+    (store / MANIFEST).write_text(json.dumps(manifest))
+    for argv in (("store", "--into", store), ("eval", "--data", store, "--drafter-path", tmp_path)):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fingerprints_across_precisions(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ctcspec.modules.files import describe_base, drafter_base
+    from ctcspec.training.data import check_data_base
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bf16 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    stores = {}
+    for name, base in (("fp32", drafter_base(fp32)), ("old-fp32", describe_base(fp32)), ("bf16", describe_base(bf16))):
+        stores[name] = tmp_path / name
+        add_shard(stores[name], "s", _samples(3), base, {})
+    for model in (fp32, bf16):
+        check_data_base([stores["fp32"]], model)   # fp32 data records its rounded fingerprints
+    check_data_base([stores["bf16"]], fp32)        # bf16 data, the fp32 model rounded
+    check_data_base([stores["old-fp32"]], bf16)    # cannot be checked in bf16: passes
+    add_shard(stores["fp32"], "t", _samples(3, start=5), describe_base(bf16), {})  # a bf16 run joins an fp32 store
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    with pytest.raises(CtcspecError, match="another base model"):
+        check_data_base([stores["fp32"]], other)

@@ -28,6 +28,7 @@ from ctcspec.modules.files import read_config, shipped_drafter_dir
 from ctcspec.modules.layers import DraftLayer, base_rope_theta, copy_base_layer
 from ctcspec.training.data import read_data
 from ctcspec.training.distill import read_samples, round_slice, styled_prompts, templated_prompts
+from ctcspec.training.store import read_manifest
 from ctcspec.training.train import TrainConfig, module_config, warm_start_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,22 +200,24 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert [str(f) for f in files] == ["ctc/config.json", "ctc/model.safetensors", "distilled.tar.xz", "logs.txt",
-                                       "medusa.tar", "round.json"]
+    assert [str(f) for f in files] == ["ctc/config.json", "ctc/model.safetensors", "logs.txt", "medusa.tar",
+                                       "round.json", "store.tar"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for f in files for part in f.parts)
     record = json.loads((out / "round.json").read_text())
     assert list(record["phases"]) == ["check", "distill", "train", "eval", "pack"]
     assert all(phase["exit"] == 0 for phase in record["phases"].values())
     assert record["distill"]["answered"] == 52 and record["distill"]["float32_check"]["answers"] == 4
     assert record["train"]["steps"] == 4 and record["train"]["warm_start"]["rounds"] == 2
-    assert record["train"]["data"][1] == str(store)  # the round trains on the store's 40 answers too
     trained = record["train"]["train_samples"] + record["train"]["heldout_samples"]
-    assert trained == len(read_data([tmp_path / "work" / "data", store])) > len(read_data([store])) == 40
+    assert trained == len(read_data([tmp_path / "work" / "store"])) > len(read_data([store])) == 40  # store + round
     assert record["baselines"]["medusa"]["steps"] == 4
     assert record["train"]["config"]["lr"] == record["baselines"]["medusa"]["config"]["lr"] == 3e-4  # warm-start rate
     assert set(record["heldout"]["current"]) == set(record["heldout"]["new"]) and isinstance(record["better"], bool)
-    with tarfile.open(out / "distilled.tar.xz") as packed:
-        assert {"./samples.jsonl", "./meta.json", "./runs.jsonl", "./self_instruct.jsonl"} <= set(packed.getnames())
+    with tarfile.open(out / "store.tar") as packed:  # untarred into the store, it holds the round's answers too
+        assert packed.getnames() == ["manifest.json", "0001-round1.jsonl.xz"]
+        packed.extractall(store, filter="data")
+    assert len(read_data([store])) == trained
+    assert read_manifest(store)["shards"][1]["runs"][0]["float32_check"]["answers"] == 4
     with tarfile.open(out / "medusa.tar") as packed:
         assert {"medusa/config.json", "medusa/model.safetensors"} <= set(packed.getnames())
 

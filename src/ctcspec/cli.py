@@ -81,7 +81,16 @@ from ctcspec.training.distill import (
     templated_prompts,
     vllm_answers,
 )
-from ctcspec.training.store import DEFAULT_MAX_MB, MANIFEST, is_store, store_distilled, store_prompts, store_summary
+from ctcspec.training.store import (
+    DEFAULT_MAX_MB,
+    MANIFEST,
+    distill_meta,
+    is_store,
+    read_manifest,
+    store_distilled,
+    store_prompts,
+    store_summary,
+)
 from ctcspec.training.train import TrainConfig, summary_json, train
 from ctcspec.vllm_drafter import CAUSAL_CTC_NAME, check_vllm_drafter, export_vllm_drafter
 from ctcspec.vllm_engine import VllmEngine, vllm_problem
@@ -876,7 +885,10 @@ def cmd_distill(args) -> int:
     if args.store is not None and not is_store(args.store):
         raise CtcspecError(f"--store {str(args.store)!r} is not a data store (no {MANIFEST}); make one with "
                            "ctcspec store")
+    skip = store_prompts(args.store) if args.store is not None else frozenset()  # read before any long work
     loaded = _load(args)
+    if args.store is not None:
+        check_data_base([args.store], loaded.model)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.self_instruct > 0:
         seed = args.seed if args.seed is not None else args.round or 0
@@ -888,7 +900,6 @@ def cmd_distill(args) -> int:
             engine = stack.enter_context(VllmEngine(loaded.path, args.threads or torch.get_num_threads(),
                                                     dtype=dtype_name(args.dtype)))
             answer_batch = vllm_answers(engine, loaded.model, loaded.tokenizer, args.max_new_tokens)
-        skip = store_prompts(args.store) if args.store is not None else frozenset()
         stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
                         deadline=deadline, answer_batch=answer_batch, engine=args.engine, skip=skip)
     if args.check_float32:
@@ -901,20 +912,29 @@ def cmd_distill(args) -> int:
     record_run(args.out, {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_model": cpu_model(),
                           "threads": args.threads or torch.get_num_threads(), **options, **stats})
     print(json.dumps(stats))
-    print(f"distilled {len(prompts)} prompts into {stats['path']} ({stats['answered']} answered now, "
+    print(f"distilled {len(prompts) - stats['skipped']} prompts into {stats['path']} ({stats['answered']} answered "
+          f"now, {stats['skipped']} left to the store's answers, "
           f"{stats['tokens_per_s']} answer tokens/s)", file=sys.stderr)
     return 0
 
 
 def cmd_store(args) -> int:
-    if not args.data and not is_store(args.into):
-        raise CtcspecError(f"{str(args.into)!r} is not a data store yet: give distilled directories to add")
+    """Add distilled directories to a data store (each checked before anything is written), then summarise it."""
+    if not is_store(args.into):
+        if not args.data:
+            raise CtcspecError(f"{str(args.into)!r} is not a data store yet: give distilled directories to add")
+        if args.into.exists() and (not args.into.is_dir() or any(args.into.iterdir())):
+            raise CtcspecError(f"--into {str(args.into)!r} holds other files and no {MANIFEST}: it is not a data "
+                               "store; give a new directory")
+    read_manifest(args.into)
     for directory in args.data:
         if not directory.is_dir():
             raise CtcspecError(f"{str(directory)!r} is not a directory written by ctcspec distill")
+        distill_meta(directory)
     check = None
     if args.check_float32 and args.data:
         loaded = _load(args)
+        check_data_base(args.data, loaded.model)  # the float32 check runs --model on their token ids
 
         def check(samples: list[dict], max_new_tokens: int) -> dict:
             picked = random.Random(0).sample(samples, min(args.check_float32, len(samples)))

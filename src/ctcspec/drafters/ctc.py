@@ -55,6 +55,10 @@ class CTCDrafter(Drafter):
     def propose(self, request: DraftRequest) -> TokenTree:
         if request.new_hidden is None:
             raise CtcspecError("the CTC drafter needs the base model's hidden states")
+        width = self.module.config.hidden_size * (1 + len(self.feature_layers))
+        if request.new_hidden.shape[-1] != width:
+            raise CtcspecError(f"the CTC drafter reads {width} hidden features per position (the last layer's and "
+                               f"layers {list(self.feature_layers)}), got {request.new_hidden.shape[-1]}")
         device = self.module.embed_weight.device
         new = request.new_hidden.shape[0]
         self._pending.append((request.new_hidden.to(device), request.tokens[-new:].to(device)))

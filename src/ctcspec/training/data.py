@@ -147,7 +147,8 @@ def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torc
                  cache_dir: Path | None, feature_layers: Sequence[int] = ()) -> torch.Tensor:
     """`base_hidden` of a padded batch; with `cache_dir`, each sequence's states of each layer are computed
     once and kept on disk (fp16, a file per layer), so drafters trained on the same data pay the base forward once,
-    whichever layers they read."""
+    whichever layers they read. Earlier layers are kept divided by their root mean square: their raw residual
+    states can pass fp16's range (SmolLM2's reach 22,000 of its 65,504), and the module RMS-normalises them anyway."""
     if cache_dir is None:
         return base_hidden(model, tokens, lengths, feature_layers)
     keys = [_ids_key(s["ids"][:int(n)]) for s, n in zip(samples, lengths.tolist(), strict=True)]
@@ -156,8 +157,11 @@ def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torc
     missing = [i for i, row in enumerate(paths) if not all(p.exists() for p in row)]
     if missing:
         rows = torch.tensor(missing, device=tokens.device)
-        computed = base_hidden(model, tokens[rows], lengths[rows], feature_layers).to("cpu", torch.float16)
         d = model.config.hidden_size
+        computed = base_hidden(model, tokens[rows], lengths[rows], feature_layers).float()
+        earlier = computed[..., d:].unflatten(-1, (-1, d))
+        earlier = earlier * torch.rsqrt(earlier.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))
+        computed = torch.cat([computed[..., :d], earlier.flatten(-2)], dim=-1).to("cpu", torch.float16)
         for row, i in enumerate(missing):
             for part, path in enumerate(paths[i]):
                 tmp = path.with_suffix(".tmp.npy")
@@ -172,13 +176,15 @@ def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torc
 
 
 def read_data(data_dirs: list[Path]) -> list[dict]:
-    """Samples of several distilled directories and data stores. A store's indices are hashes of the prompts; a
-    directory's are offset per directory so they stay distinct. The same prompt twice: the first is kept (no
-    held-out leaks)."""
+    """Samples of several data stores and distilled directories, stores first. A store's indices are hashes of the
+    prompts; a directory's are its positions, offset per directory so they stay distinct. The same prompt twice:
+    the first is kept, so within one run a prompt is held out or trained on, never both, and a store's split
+    wins over a directory's."""
     samples, seen = [], set()
-    for k, directory in enumerate(data_dirs):
+    ordered = sorted(enumerate(map(Path, data_dirs)), key=lambda item: not is_store(item[1]))
+    for k, directory in ordered:
         group = read_store(directory) if is_store(directory) else [
-            {**s, "index": s["index"] + k * 10_000_000} for s in read_samples(Path(directory))]
+            {**s, "index": s["index"] + k * 10_000_000} for s in read_samples(directory)]
         for s in group:
             prompt = tuple(s["ids"][:s["prompt_len"]])
             if prompt not in seen:
@@ -188,7 +194,9 @@ def read_data(data_dirs: list[Path]) -> list[dict]:
 
 
 def check_data_base(data_dirs: list[Path], model) -> None:
-    """Every directory or store was distilled from `model` (its LM head's fingerprint), or the error names it."""
+    """Every store and distilled directory that records its base model was distilled from `model` (an LM head
+    fingerprint in common), or the error names it. Data recorded only in float32 (no rounded fingerprints) cannot
+    be checked against a model loaded in a lower precision, and passes."""
     for directory in data_dirs:
         if is_store(directory):
             base = read_manifest(directory)["base"]
@@ -197,6 +205,8 @@ def check_data_base(data_dirs: list[Path], model) -> None:
                 base = json.loads((Path(directory) / META_FILE).read_text())["base"]
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # read_samples names what is missing; older directories may lack their metadata
-        if isinstance(base, dict) and not same_weights(base, model):
+        unverifiable = "lm_head_sha256_rounded" not in base and next(model.parameters()).dtype != torch.float32 \
+            if isinstance(base, dict) else True
+        if not unverifiable and not same_weights(base, model):
             raise CtcspecError(f"{str(directory)!r} was distilled from another base model "
                                f"({base.get('architecture')}); train and evaluate on data of this model")

@@ -6,8 +6,10 @@ A store is a directory: `manifest.json` lists its shards in the order they were 
 Invariants: a prompt (its token ids) is in the store at most once; every shard's sha256 is the one the manifest
 records; every shard was distilled from the base model the manifest names. A sample's index, which decides the
 held-out split (`index % heldout_every == 0`) and its training anchors, is a hash of its prompt ids: the same
-prompt is held out, or not, in every store and on every machine, whatever order the shards came in.
-Hidden-state caches never go in a store.
+prompt is held out, or not, in every store and on every machine, whatever order the shards came in. (A distill
+directory's samples are split by their position instead: a drafter trained on a directory may have trained on
+the store's held-out answers to the same prompts; `read_data` reads stores first, so within one run the store's
+split wins.) Hidden-state caches never go in a store.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ STORE_FORMAT = 1
 DEFAULT_MAX_MB = 30.0  # the repository's budget for distilled data (issue 25); past it, data lives elsewhere
 
 
+SHARD_KEYS = {"file": str, "sha256": str, "bytes": int, "samples": int, "tokens": int, "answer_tokens": int,
+              "sources": dict}
+
+
 def is_store(path: Path) -> bool:
+    """Whether `path` is a data store (holds a manifest)."""
     return (Path(path) / MANIFEST).is_file()
 
 
@@ -49,11 +56,21 @@ def read_manifest(store: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT \
             or not isinstance(manifest.get("shards"), list):
         raise CtcspecError(f"{str(path)!r} is not a ctcspec data store manifest (format {STORE_FORMAT})")
+    base = manifest.get("base")
+    if not (isinstance(base, dict) and isinstance(base.get("lm_head_sha256"), str)) \
+            and not (base is None and not manifest["shards"]):
+        raise CtcspecError(f"data store manifest {str(path)!r} names no base model (its \"base\")")
+    for number, shard in enumerate(manifest["shards"]):
+        bad = [key for key, kind in SHARD_KEYS.items() if not isinstance(shard, dict) or not isinstance(shard.get(key),
+                                                                                                     kind)]
+        if bad:
+            raise CtcspecError(f"data store manifest {str(path)!r}: shard {number} lacks a valid {', '.join(bad)}")
     return manifest
 
 
 def _shard_lines(store: Path, shard: dict) -> list[str]:
-    path = Path(store) / str(shard.get("file", ""))
+    """A shard's JSON lines, after checking its sha256 against the manifest's."""
+    path = Path(store) / shard["file"]
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -87,10 +104,6 @@ def store_prompts(store: Path) -> set[tuple[int, ...]]:
     return {tuple(s["ids"][:s["prompt_len"]]) for s in read_store(store)} if is_store(store) else set()
 
 
-def store_bytes(store: Path, manifest: dict) -> int:
-    return sum((Path(store) / s["file"]).stat().st_size for s in manifest["shards"])
-
-
 def add_shard(store: Path, name: str, samples: list[dict], base: dict, record: dict,
               max_mb: float = DEFAULT_MAX_MB, check: Callable[[list[dict]], dict] | None = None) -> dict:
     """Add the samples whose prompts the store lacks as one new shard; returns its manifest entry, or {} when every
@@ -102,7 +115,8 @@ def add_shard(store: Path, name: str, samples: list[dict], base: dict, record: d
     manifest = read_manifest(store)
     if manifest["base"] is not None and not fingerprints(manifest["base"]) & fingerprints(base):
         raise CtcspecError(f"data store {str(store)!r} holds data distilled from another base model "
-                           f"({manifest['base'].get('architecture')}); use another store")
+                           f"({manifest['base'].get('architecture')}), or in another precision it cannot be checked "
+                           "against; use another store")
     have = store_prompts(store)
     new, seen = [], set()
     for s in samples:
@@ -115,7 +129,7 @@ def add_shard(store: Path, name: str, samples: list[dict], base: dict, record: d
     text = "".join(json.dumps({"source": s.get("source", ""), "prompt_len": s["prompt_len"], "ids": s["ids"]},
                               separators=(",", ":")) + "\n" for s in new)
     data = lzma.compress(text.encode(), preset=9)
-    used = store_bytes(store, manifest) if manifest["shards"] else 0
+    used = sum(shard["bytes"] for shard in manifest["shards"])
     if (used + len(data)) / 1e6 > max_mb:
         raise CtcspecError(f"data store {str(store)!r} would hold {(used + len(data)) / 1e6:.1f} MB, past its "
                            f"{max_mb:g} MB budget: keep the data elsewhere (docs/ctc.md), or raise --max-mb")
@@ -123,18 +137,26 @@ def add_shard(store: Path, name: str, samples: list[dict], base: dict, record: d
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:60] or "shard"
     file = f"{len(manifest['shards']):04d}-{slug}.jsonl.xz"
     store.mkdir(parents=True, exist_ok=True)
-    _write_atomic(store / file, data)
-    entry = {"file": file, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "samples": len(new),
-             "tokens": sum(len(s["ids"]) for s in new),
+    _write_atomic(store / file, data)  # a kill before the manifest leaves it unlisted; the next add replaces it
+    entry = {**record, "file": file, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+             "samples": len(new), "tokens": sum(len(s["ids"]) for s in new),
              "answer_tokens": sum(len(s["ids"]) - s["prompt_len"] for s in new),
-             "sources": _by_source(new), "added": time.strftime("%Y-%m-%d"), **record,
-             **checked}
-    manifest = {**manifest, "base": manifest["base"] or base, "shards": [*manifest["shards"], entry]}
+             "sources": _by_source(new), "added": time.strftime("%Y-%m-%d"), **checked}
+    manifest = {**manifest, "base": _merged_base(manifest["base"], base), "shards": [*manifest["shards"], entry]}
     _write_atomic(store / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return entry
 
 
+def _merged_base(known: dict | None, new: dict) -> dict:
+    """The store's base description with the fingerprints a new shard's adds (another precision's, say)."""
+    if known is None:
+        return new
+    rounded = {**(new.get("lm_head_sha256_rounded") or {}), **(known.get("lm_head_sha256_rounded") or {})}
+    return {**known, **({"lm_head_sha256_rounded": rounded} if rounded else {})}
+
+
 def _by_source(samples: list[dict]) -> dict[str, dict[str, int]]:
+    """Samples and answer tokens per prompt source."""
     counts: dict[str, dict[str, int]] = {}
     for s in samples:
         count = counts.setdefault(s.get("source", ""), {"samples": 0, "answer_tokens": 0})
@@ -144,6 +166,7 @@ def _by_source(samples: list[dict]) -> dict[str, dict[str, int]]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
@@ -164,20 +187,27 @@ def store_summary(store: Path) -> dict:
             "sources": dict(sorted(per_source.items()))}
 
 
+def distill_meta(data_dir: Path) -> dict:
+    """A distill directory's meta.json, checked: its base model description and new-token limit."""
+    meta_path = Path(data_dir) / META_FILE
+    try:
+        meta = json.loads(read_text_file(meta_path, "distill metadata"))
+    except json.JSONDecodeError:
+        meta = None
+    if not (isinstance(meta, dict) and isinstance(meta.get("base"), dict)
+            and isinstance(meta["base"].get("lm_head_sha256"), str)
+            and isinstance(meta.get("max_new_tokens"), int) and meta["max_new_tokens"] > 0):
+        raise CtcspecError(f"{str(meta_path)!r} is corrupt: not the metadata of a ctcspec distill directory")
+    return meta
+
+
 def store_distilled(store: Path, data_dir: Path, name: str = "", max_mb: float = DEFAULT_MAX_MB,
                     check: Callable[[list[dict], int], dict] | None = None) -> dict:
     """Add what `ctcspec distill` wrote in `data_dir` (the answers the store lacks) to the store as one shard, with
     the directory's record: new tokens limit and every distill call's options, engine, machine and throughput;
     `check(new samples, the run's new tokens limit)` as add_shard's check."""
     data_dir = Path(data_dir)
-    meta_path = data_dir / META_FILE
-    try:
-        meta = json.loads(read_text_file(meta_path, "distill metadata"))
-        base = meta["base"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CtcspecError(f"{str(meta_path)!r} is corrupt: not a ctcspec distill directory") from None
-    samples = read_samples(data_dir)
-    record = {"from": data_dir.name, "max_new_tokens": meta.get("max_new_tokens"), "runs": read_runs(data_dir)}
-    max_new_tokens = int(meta.get("max_new_tokens") or 0)
-    checked = (lambda new: check(new, max_new_tokens)) if check is not None else None
-    return add_shard(store, name or data_dir.name, samples, base, record, max_mb, checked)
+    meta = distill_meta(data_dir)
+    record = {"from": data_dir.name, "max_new_tokens": meta["max_new_tokens"], "runs": read_runs(data_dir)}
+    checked = (lambda new: check(new, meta["max_new_tokens"])) if check is not None else None
+    return add_shard(store, name or data_dir.name, read_samples(data_dir), meta["base"], record, max_mb, checked)
