@@ -116,6 +116,11 @@ def test_distill_store_train_and_eval_commands(capsys, tmp_path, tiny_model_dir)
                              "--target-tokens", 3)
     assert code == 0, err
     assert json.loads(out)["train_samples"] + json.loads(out)["heldout_samples"] == 60
+    add_shard(store, "later", _samples(5, start=200), read_manifest(store)["base"], {})  # the store grows
+    code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", store, "--out", drafter,
+                           "--steps", 4, "--batch-size", 8, "--draft-vocab", 40, "--num-slots", 4,
+                           "--target-tokens", 3, "--resume")
+    assert code == 2 and "changed since the checkpoint" in err
     code, _, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--data", store, "--drafter-path", drafter,
                            "--sources", "nothing.txt", "--threads", 1)
     assert code == 2 and "no held-out samples of the sources nothing.txt" in err

@@ -18,7 +18,7 @@ from ctcspec.tree import ROOT, TokenTree
 @dataclass(frozen=True)
 class VerifyResult:
     logits: torch.Tensor              # (nodes, vocab): the base model's next-token logits per node; 0 is the root
-    hidden: torch.Tensor | None       # last-layer hidden state per node, shape (nodes, hidden), if asked
+    hidden: torch.Tensor | None       # hidden states per node, if asked: (nodes, hidden × (1 + earlier layers))
 
 
 def tree_precision_problem(model: torch.nn.Module) -> str | None:

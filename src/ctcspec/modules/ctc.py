@@ -242,8 +242,8 @@ class CTCModule(nn.Module):
     def training_logits(self, hidden: torch.Tensor, tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """Slot logits (batch, S, N, classes) for drafts anchored at positions `anchors` (batch, S).
 
-        hidden (batch, L, d) are the base model's states of `tokens` (batch, L); an anchor t sees
-        units 0..t, i.e. hidden states up to t and tokens up to t+1 (the root).
+        hidden (batch, L, d × (1 + feature layers)) are the base model's states of `tokens` (batch, L); an anchor
+        t sees units 0..t, i.e. hidden states up to t and tokens up to t+1 (the root).
         """
         b, length = tokens.shape
         n, s = self.config.num_slots, anchors.shape[1]

@@ -1,7 +1,9 @@
-"""Training data: distilled samples, the held-out split, batches, anchors, CTC targets, and the base
-model's hidden states (computed per batch, or once into an on-disk cache shared by several runs).
+"""Training data: distilled samples (directories and data stores), the held-out split, batches, anchors, CTC
+targets, and the base model's hidden states (computed per batch, or once into an on-disk cache shared by several
+runs; the last layer's and any earlier layers a drafter reads).
 
-Batches are a pure function of (seed, epoch), so a resumed run sees the same data a straight run would.
+Batches are a pure function of (seed, epoch) and the data, so a resumed run on the same data (`data_digest`, which
+a resume checks) sees the batches a straight run would.
 """
 
 from __future__ import annotations
@@ -191,6 +193,11 @@ def read_data(data_dirs: list[Path]) -> list[dict]:
                 seen.add(prompt)
                 samples.append(s)
     return samples
+
+
+def data_digest(samples: list[dict]) -> str:
+    """What identifies a training set: its samples' indices and lengths, in order (16 hex digits of a sha256)."""
+    return hashlib.sha256(json.dumps([(s["index"], len(s["ids"])) for s in samples]).encode()).hexdigest()[:16]
 
 
 def check_data_base(data_dirs: list[Path], model) -> None:

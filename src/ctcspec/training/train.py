@@ -2,7 +2,7 @@
 (Medusa, Hydra, EAGLE-style) with the same data, anchors and loop; each module computes its own loss.
 
 Each batch: the frozen base model runs the distilled sequences once (teacher forcing) for its last
-hidden states; at a random subset of answer positions t ("anchors") the module's N slots must
+hidden states (and those of earlier layers a drafter reads, --feature-layers); at a random subset of answer positions t ("anchors") the module's N slots must
 spell out the base model's next K tokens x_{t+2} .. x_{t+1+K} (x_{t+1} is the root, already known)
 under CTC loss. Tokens outside the draft vocabulary become the "other" class, which ends a draft.
 
@@ -38,6 +38,7 @@ from ctcspec.training.data import (
     check_data_base,
     check_feature_layers,
     choose_anchors,
+    data_digest,
     draft_targets,
     draft_vocabulary,
     open_hidden_cache,
@@ -183,6 +184,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     check_data_base([Path(d) for d in data_dirs], model)
     samples = read_data([Path(d) for d in data_dirs])
     train_set, heldout = split_heldout(samples, config.heldout_every)
+    digest = data_digest(samples)
     checkpoint_path = out_dir / CHECKPOINT
     init = read_drafter(Path(config.init_from), model, config.kind) if config.init_from else None
     config = warm_start_config(config, init[1] if init else None)
@@ -203,6 +205,9 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         if changed:
             raise CtcspecError(f"--resume with different training options ({', '.join(changed)}); "
                                "use the original options or a new --out")
+        if state.get("data_digest", digest) != digest:
+            raise CtcspecError("--resume: the training data changed since the checkpoint (a data store that gained "
+                               "shards?); the batches would differ: use the data it started with, or a new --out")
         vocab_ids = state["vocab_ids"]
     elif init is not None:
         vocab_ids = init[2]  # the warm start keeps its draft vocabulary
@@ -279,7 +284,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
             proxy = 1 + curve[16]
         if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == total_steps):
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
-                             vocab_ids, config)
+                             vocab_ids, config, digest)
         bar.set_postfix(loss=f"{smoothed:.3f}", beta16="-" if proxy is None else f"{proxy:.2f}")
         bar.update(1)
     bar.close()
@@ -289,11 +294,12 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         curves = final_curves(inner, model, heldout[:config.final_eval_samples], config.max_length)
         if stopped_early:
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
-                             vocab_ids, config)
+                             vocab_ids, config, digest)
         summary = {"steps": step, "planned_steps": total_steps, "train_seconds": round(seconds, 1),
                    "train_samples": len(train_set),
                    "heldout_samples": len(heldout), "train_tokens": sum(len(s["ids"]) for s in train_set),
                    "device": str(device), "processes": world, "data": [str(d) for d in data_dirs],
+                   "data_digest": digest,
                    "final_loss": None if smoothed is None else round(smoothed, 4), "config": asdict(config)}
         if init is not None:
             summary["warm_start"] = warm_start_record(config.init_from, init[0])
@@ -357,12 +363,12 @@ def final_curves(module, model, heldout: list[dict], max_length: int) -> dict[st
 
 
 def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, elapsed: float, vocab_ids,
-                     config: TrainConfig) -> None:
+                     config: TrainConfig, digest: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "elapsed_s": elapsed,
-                "vocab_ids": vocab_ids, "train_config": asdict(config)}, tmp)
+                "vocab_ids": vocab_ids, "train_config": asdict(config), "data_digest": digest}, tmp)
     tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
