@@ -4,7 +4,8 @@
 Each batch: the frozen base model runs the distilled sequences once (teacher forcing) for its last
 hidden states (and those of earlier layers a drafter reads, --feature-layers); at a random subset of
 answer positions t ("anchors") the module's N slots must spell out the base model's next K tokens
-x_{t+2} .. x_{t+1+K} (x_{t+1} is the root, already known) under CTC loss. Tokens outside the draft vocabulary become the "other" class, which ends a draft.
+x_{t+2} .. x_{t+1+K} (x_{t+1} is the root, already known) under CTC loss. Tokens outside the draft
+vocabulary become the "other" class, which ends a draft.
 
 Checkpoints (module, optimizer, schedule, step) are written atomically every `checkpoint_every`
 steps; `resume=True` continues from the last one. Batches are a pure function of (seed, step)
