@@ -152,6 +152,10 @@ def test_training_learns_and_saves_a_loadable_drafter(llama, tmp_path):
     summary = train(llama, [data], tmp_path / "drafter", _config(steps=60, lr=3e-3), progress=False)
     assert summary["steps"] == 60 and summary["heldout_samples"] == 5
     assert summary["acceptance_curve"]["beam"][8] > untrained[8]
+    history = summary["eval_history"]  # the scaling curve of one run: held-out acceptance by answer tokens seen
+    assert [h["step"] for h in history] == list(range(6, 61, 6)) and set(history[0]["accepted"]) == {"1", "4", "16"}
+    seen = [h["answer_tokens_seen"] for h in history]
+    assert seen == sorted(seen) and seen[-1] == summary["answer_tokens_seen"] > 0
     drafter = make_drafter("ctc", model=llama, drafter_dir=tmp_path / "drafter")
     assert drafter.acceptance_curve == summary["acceptance_curve"]["beam"]
     drafter.tree_budget = 6

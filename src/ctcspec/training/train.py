@@ -50,6 +50,7 @@ from ctcspec.training.data import (
 from ctcspec.training.evaluate import SEARCH_BUDGETS, acceptance_curve
 
 CHECKPOINT = "checkpoint.pt"
+HISTORY_BUDGETS = (1, 4, 16)  # the tree budgets of the acceptance recorded every eval_every steps (eval_history)
 RESUMABLE_CHANGES = frozenset({"time_limit_s", "eval_every", "eval_samples", "final_eval_samples", "checkpoint_every",
                                "hidden_cache"})
 
@@ -236,10 +237,12 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.steps or max(1, int(config.epochs * steps_per_epoch))
     step, elapsed = 0, 0.0
+    scaling = {"answer_tokens_seen": 0, "eval_history": []}  # the scaling curve: held-out acceptance by tokens seen
     if state is not None:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed_s"]
+        scaling = state.get("scaling", scaling)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, config.warmup),
                                                   last_epoch=step - 1 if step else -1)
     if state is not None:
@@ -251,7 +254,6 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
                disable=not (progress and accelerator.is_main_process))
     smoothed, proxy = None, None
     start = time.perf_counter() - elapsed
-    tokens_seen = 0
     stopped_early = False
     while step < total_steps:
         if config.time_limit_s and _out_of_time(accelerator, time.perf_counter() - start > config.time_limit_s):
@@ -276,16 +278,18 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += int(lengths.sum())
+        scaling["answer_tokens_seen"] += int(accelerator.reduce((lengths - prompt_lens).clamp(min=0).sum(), "sum"))
         value = accelerator.reduce(loss.detach(), "mean").item()  # over processes: what one process would log
         smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
         if accelerator.is_main_process and (step % config.eval_every == 0 or step == total_steps):
-            curve = acceptance_curve(inner, model, heldout[:config.eval_samples], budgets=(16,),
+            curve = acceptance_curve(inner, model, heldout[:config.eval_samples], budgets=HISTORY_BUDGETS,
                                      max_length=config.max_length)
             proxy = 1 + curve[16]
+            scaling["eval_history"].append({"step": step, "answer_tokens_seen": scaling["answer_tokens_seen"],
+                                             "accepted": {str(b): round(a, 4) for b, a in curve.items()}})
         if accelerator.is_main_process and (step % config.checkpoint_every == 0 or step == total_steps):
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
-                             vocab_ids, config, digest)
+                             vocab_ids, config, digest, scaling)
         bar.set_postfix(loss=f"{smoothed:.3f}", beta16="-" if proxy is None else f"{proxy:.2f}")
         bar.update(1)
     bar.close()
@@ -295,12 +299,12 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         curves = final_curves(inner, model, heldout[:config.final_eval_samples], config.max_length)
         if stopped_early:
             _save_checkpoint(checkpoint_path, inner, optimizer, scheduler, step, time.perf_counter() - start,
-                             vocab_ids, config, digest)
+                             vocab_ids, config, digest, scaling)
         summary = {"steps": step, "planned_steps": total_steps, "train_seconds": round(seconds, 1),
                    "train_samples": len(train_set),
                    "heldout_samples": len(heldout), "train_tokens": sum(len(s["ids"]) for s in train_set),
                    "device": str(device), "processes": world, "data": [str(d) for d in data_dirs],
-                   "data_digest": digest,
+                   "data_digest": digest, **scaling,
                    "final_loss": None if smoothed is None else round(smoothed, 4), "config": asdict(config)}
         if init is not None:
             summary["warm_start"] = warm_start_record(config.init_from, init[0])
@@ -364,12 +368,13 @@ def final_curves(module, model, heldout: list[dict], max_length: int) -> dict[st
 
 
 def _save_checkpoint(path: Path, module, optimizer, scheduler, step: int, elapsed: float, vocab_ids,
-                     config: TrainConfig, digest: str) -> None:
+                     config: TrainConfig, digest: str, scaling: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "elapsed_s": elapsed,
-                "vocab_ids": vocab_ids, "train_config": asdict(config), "data_digest": digest}, tmp)
+                "vocab_ids": vocab_ids, "train_config": asdict(config), "data_digest": digest,
+                "scaling": scaling}, tmp)
     tmp.replace(path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
