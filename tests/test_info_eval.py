@@ -181,6 +181,8 @@ def test_eval_ablations_prices_saved_curves_with_a_ctc_drafter(capsys, tmp_path,
     ([], "--drafter-path"),
     (["--ablations", "NOWHERE", "--drafter-path", "CTC"], "does not exist"),
     (["--ablations", str(ABLATIONS), "--drafter-path", "MEDUSA"], "CTC drafter"),
+    (["--ablations", str(ABLATIONS), "--drafter-path", "CTC", "--sources", "styled"], "--sources picks"),
+    (["--drafter-path", "CTC", "--sources", ","], "--sources"),
     (["--drafter-path", str(SHIPPED / "smollm2-135m-instruct-ctc")], "another base model"),
 ])
 def test_eval_user_errors_are_one_line(capsys, tmp_path, tiny_model_dir, tiny_setup, argv, message):

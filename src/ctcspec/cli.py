@@ -1119,6 +1119,8 @@ def _finish_eval(args, backend: Backend, cost: dict[int, float], rows: list[Eval
 
 def _eval_ablations(args, dirs: dict[str, Path]) -> int:
     """eval --ablations: saved curves, every run priced with the first CTC drafter's drafting time."""
+    if args.sources:
+        raise CtcspecError("--sources picks held-out samples of --data; --ablations reads saved curves instead")
     ctc = next((path for path in dirs.values() if drafter_kind(path) == "ctc"), None)
     if ctc is None:
         raise CtcspecError("--ablations prices every run with a CTC drafter's drafting time: pass --drafter-path "
