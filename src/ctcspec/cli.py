@@ -518,16 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "feature_layers": "ctc: comma-separated base layers (HF hidden_states indices, 0 = embeddings) "
                                    "whose states join the last layer's in the context units (EAGLE-3's fused "
                                    "features), e.g. 8,16; none = none, or --init-from's (a warm start may add them)",
+                 "eval_every": "steps between held-out evaluations (the progress bar's beta16 and the summary's "
+                               "eval_history: acceptance at budgets 1, 4, 16 by answer tokens seen)",
+                 "eval_samples": "held-out sequences of each of those evaluations",
                  "hidden_cache": "a directory caching the base model's hidden states of the data (fp16), shared by "
                                  "several trainings on the same data"}
     for name, kind in (("kind", str), ("num_slots", int), ("target_tokens", int), ("intermediate_size", int),
                        ("slot_attention", str), ("loss", str), ("layer_init", str), ("num_layers", int),
                        ("prefix_weight", float), ("soft_weight", float), ("feature_layers", str), ("draft_vocab", int),
                        ("max_train_samples", int), ("hidden_cache", str), ("init_from", str), ("steps", int),
-                       ("epochs", float),
-                       ("batch_size", int), ("anchors_per_sequence", int), ("max_length", int), ("lr", float),
-                       ("eval_every", int), ("final_eval_samples", int), ("checkpoint_every", int), ("seed", int),
-                       ("time_limit_s", float)):
+                       ("epochs", float), ("batch_size", int), ("anchors_per_sequence", int), ("max_length", int),
+                       ("lr", float), ("eval_every", int), ("eval_samples", int), ("final_eval_samples", int),
+                       ("checkpoint_every", int), ("seed", int), ("time_limit_s", float)):
         default = getattr(defaults, name)
         shown = default if default != "" else "none"
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
