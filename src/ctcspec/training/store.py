@@ -9,7 +9,8 @@ held-out split (`index % heldout_every == 0`) and its training anchors, is a has
 prompt is held out, or not, in every store and on every machine, whatever order the shards came in. (A distill
 directory's samples are split by their position instead: a drafter trained on a directory may have trained on
 the store's held-out answers to the same prompts; `read_data` reads stores first, so within one run the store's
-split wins.) Hidden-state caches never go in a store.
+split wins.) Hidden-state caches never go in a store. One writer at a time: two `ctcspec store` runs on one store
+at once could number their shards alike.
 """
 
 from __future__ import annotations
