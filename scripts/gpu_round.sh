@@ -6,15 +6,15 @@
 #    any PROMPT_FILES, plus SELF_INSTRUCT requests the base model writes (seeded with ROUND; they can repeat an
 #    earlier round's), answered greedily in DTYPE with large batches; the first CHECK_FP32 answers are redone in
 #    float32 to show what DTYPE does to the targets.
-#    The answers join a copy of the data store (STORE, whose prompts distil skips) as one new shard.
-# 2. train: the CTC drafter continues from INIT (--init-from: rounds accumulate) for STEPS steps on that store (all
+# 2. store: the answers join a copy of the data store (STORE, whose prompts distil skips) as one new shard.
+# 3. train: the CTC drafter continues from INIT (--init-from: rounds accumulate) for STEPS steps on that store (all
 #    the data so far); beside it, on the same data for the same steps, each of BASELINES (kind:init-dir) continues.
-# 3. eval: INIT and the new drafter's held-out acceptance on the store's held-out split (prompts whose hash is
+# 4. eval: INIT and the new drafter's held-out acceptance on the store's held-out split (prompts whose hash is
 #    divisible by 50, never trained on), side by side.
 # OUT gets at most 8 files: ctc/ (the new drafter: 2 files), round.json (each phase's end time and exit code,
 # distil speed, float32 check, curves, verdict; rewritten after every phase, so a cut call still says how far it
-# got), logs.txt, store.tar (the store's new manifest and the round's shard: untar into STORE to keep them), one
-# <kind>.tar per baseline.
+# got), logs.txt, distilled.tar.xz (the round's distill directory: `ctcspec store DIR --into STORE` adds it to the
+# repository's store, whatever that store gained meanwhile), one <kind>.tar per baseline.
 # A new drafter replaces the shipped one only when round.json's "better" is true (docs/ctc.md, "GPU rounds").
 # tests/test_training_rounds.py runs this file on the CPU with a tiny model and small limits (the dry run).
 set -uo pipefail
@@ -33,7 +33,7 @@ INIT=${INIT:-$SHIPPED-ctc}
 BASELINES=${BASELINES-medusa:$SHIPPED-medusa hydra:$SHIPPED-hydra eagle:$SHIPPED-eagle}
 PROMPT_FILES=${PROMPT_FILES:-}        # extra training prompt files (evaluation sets are refused)
 STORE=${STORE-$ROOT/data/smollm2-135m-instruct}  # the data store (docs/ctc.md): its prompts are not answered again,
-                                      # and training reads it with the round's data; empty: start a new one
+                                      # and training reads it with the round's data; empty: none (another MODEL)
 ROUND_SIZE=${ROUND_SIZE:-12000}       # prompts per source per round: the 91,584 styled requests last 7 rounds
 SELF_INSTRUCT=${SELF_INSTRUCT:-2048}
 MAX_NEW=${MAX_NEW:-256}
@@ -80,9 +80,9 @@ record = {"round": round_index, "phases": phases, "distill": read(work / "distil
           "train": read(out / "ctc" / "config.json").get("training"),
           "baselines": {p.parent.name: read(p).get("training") for p in sorted(work.glob("*/config.json"))
                         if p.parent.name not in ("data", "model")}}
-data = out / "store.tar"
+data = out / "distilled.tar.xz"
 if data.exists():
-    record["store_tar_bytes"] = data.stat().st_size  # a device call brings back files of at most 16 MiB
+    record["distilled_bytes"] = data.stat().st_size  # a device call brings back files of at most 16 MiB
 evaluated = read(work / "eval.json")
 if len(evaluated.get("rows", [])) == 2:
     current, new = (row["acceptance"] for row in evaluated["rows"])
@@ -128,12 +128,14 @@ timeout "$(cap $((DISTILL_S + 90)))" "$PYTHON" -m ctcspec distill --model "$MODE
     --styled "${files[@]}" --round "$ROUND" --round-size "$ROUND_SIZE" --self-instruct "$SELF_INSTRUCT" \
     --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" --time-limit-s "$DISTILL_S" --check-float32 "$CHECK_FP32" \
     "${store[@]}" --out "$WORK/data" > "$WORK/distill.json" 2> "$WORK/logs/distill.log"
-code=$?
+phase distill $? required
 mkdir -p "$WORK/store"
-[ -z "$STORE" ] || cp -r "$STORE"/. "$WORK/store/"
-timeout "$(cap 60)" "$PYTHON" -m ctcspec store "$WORK/data" --into "$WORK/store" --name "round$ROUND" \
-    --check-float32 0 > "$WORK/logs/store.json" 2> "$WORK/logs/store.log" || code=1  # distil checked float32
-phase distill "$code" required
+code=0
+[ -z "$STORE" ] || cp -r "$STORE"/. "$WORK/store/" || code=1
+[ "$code" -ne 0 ] || timeout "$(cap 60)" "$PYTHON" -m ctcspec store "$WORK/data" --into "$WORK/store" \
+    --name "round$ROUND" --check-float32 0 > "$WORK/logs/store.json" 2> "$WORK/logs/store.log"  # distil checked fp32
+code=$(( code ? code : $? ))
+phase store "$code" required
 
 train() {  # kind init-dir out-dir [options of this kind]
     # shellcheck disable=SC2086  # TRAIN_OPTS is a list of options
@@ -162,14 +164,10 @@ for pair in $BASELINES; do
     rm -f "$WORK/$kind/checkpoint.pt"
     if [ -f "$WORK/$kind/config.json" ]; then tar cf "$OUT/$kind.tar" -C "$WORK" "$kind"; fi
 done
-if [ -f "$WORK/store/manifest.json" ]; then  # the manifest and its last shard (the round's, if it added one)
-    last=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['shards'][-1]['file'])" \
-        "$WORK/store/manifest.json")
-    tar cf "$OUT/store.tar" -C "$WORK/store" manifest.json "$last"
-fi
+(cd "$WORK/data" && tar cf - ./*.jsonl ./*.json | xz -T0 -6) > "$OUT/distilled.tar.xz"  # for `ctcspec store`
 for f in "$WORK"/logs/*; do echo "== ${f##*/}"; tr '\r' '\n' < "$f" | grep -v -E '^(train|distill|self-instruct): '; done \
     > "$OUT/logs.txt"
 phase pack 0
 "$PYTHON" -c "import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r.get(k) for k in
-('round', 'phases', 'better', 'store_tar_bytes')}))" "$OUT/round.json"
+('round', 'phases', 'better', 'distilled_bytes')}))" "$OUT/round.json"
 exit "$failed"

@@ -12,6 +12,8 @@ import torch
 
 from conftest import run_cli
 from ctcspec.errors import CtcspecError
+from ctcspec.models import DEFAULT_MODEL
+from ctcspec.modules.files import shipped_drafter_dir
 from ctcspec.training.data import read_data, split_heldout
 from ctcspec.training.distill import read_samples
 from ctcspec.training.store import MANIFEST, add_shard, prompt_index, read_manifest, read_store, store_summary
@@ -62,9 +64,11 @@ def test_store_beside_a_directory_keeps_one_copy_of_each_prompt(tmp_path):
     directory = tmp_path / "dir"
     directory.mkdir()
     (directory / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in _samples(10, start=5)))
-    samples = read_data([tmp_path / "store", directory])
-    assert len(samples) == 15
-    assert [s["index"] for s in samples[10:]] == [10_000_000 + i for i in range(10, 15)]  # the directory's offset
+    for order in ([tmp_path / "store", directory], [directory, tmp_path / "store"]):  # the store first, whatever
+        samples = read_data(order)                                                        # order it is given in
+        assert len(samples) == 15 and [s["shard"] for s in samples[:10]] == ["0000-s.jsonl.xz"] * 10
+        offset = 10_000_000 * order.index(directory)
+        assert [s["index"] for s in samples[10:]] == [offset + i for i in range(10, 15)]
 
 
 def test_a_damaged_or_foreign_store_is_refused(tmp_path):
@@ -158,16 +162,19 @@ def test_store_and_distill_user_errors(capsys, tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("damage", [
     lambda m: m.pop("base"), lambda m: m.update(base="x"), lambda m: m["shards"].append("x"),
-    lambda m: m["shards"][0].pop("sources"), lambda m: m["shards"][0].update(bytes="many")])
+    lambda m: m["shards"][0].pop("sources"), lambda m: m["shards"][0].update(bytes="many"),
+    lambda m: m["shards"][0].update(file="../../elsewhere.jsonl.xz"),
+    lambda m: m["shards"][0].update(sources={"x": 1})])
 def test_a_damaged_manifest_is_one_line(capsys, tmp_path, damage):
     store = tmp_path / "store"
     add_shard(store, "one", _samples(10), BASE, {})
     manifest = json.loads((store / MANIFEST).read_text())
     damage(manifest)
     (store / MANIFEST).write_text(json.dumps(manifest))
-    for argv in (("store", "--into", store), ("eval", "--data", store, "--drafter-path", tmp_path)):
+    drafter = shipped_drafter_dir(DEFAULT_MODEL, "ctc")
+    for argv in (("store", "--into", store), ("eval", "--data", store, "--drafter-path", drafter)):
         code, _, err = run_cli(capsys, *argv)
-        assert code == 2 and "manifest" in err and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and "data store manifest" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_fingerprints_across_precisions(tmp_path, tiny_model_dir):

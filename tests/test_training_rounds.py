@@ -200,11 +200,11 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert [str(f) for f in files] == ["ctc/config.json", "ctc/model.safetensors", "logs.txt", "medusa.tar",
-                                       "round.json", "store.tar"]
+    assert [str(f) for f in files] == ["ctc/config.json", "ctc/model.safetensors", "distilled.tar.xz", "logs.txt",
+                                       "medusa.tar", "round.json"]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for f in files for part in f.parts)
     record = json.loads((out / "round.json").read_text())
-    assert list(record["phases"]) == ["check", "distill", "train", "eval", "pack"]
+    assert list(record["phases"]) == ["check", "distill", "store", "train", "eval", "pack"]
     assert all(phase["exit"] == 0 for phase in record["phases"].values())
     assert record["distill"]["answered"] == 52 and record["distill"]["float32_check"]["answers"] == 4
     assert record["train"]["steps"] == 4 and record["train"]["warm_start"]["rounds"] == 2
@@ -213,9 +213,10 @@ def test_gpu_round_dry_run_on_cpu(tmp_path, tiny_model_dir, tiny_data):
     assert record["baselines"]["medusa"]["steps"] == 4
     assert record["train"]["config"]["lr"] == record["baselines"]["medusa"]["config"]["lr"] == 3e-4  # warm-start rate
     assert set(record["heldout"]["current"]) == set(record["heldout"]["new"]) and isinstance(record["better"], bool)
-    with tarfile.open(out / "store.tar") as packed:  # untarred into the store, it holds the round's answers too
-        assert packed.getnames() == ["manifest.json", "0001-round1.jsonl.xz"]
-        packed.extractall(store, filter="data")
+    with tarfile.open(out / "distilled.tar.xz") as packed:
+        assert {"./samples.jsonl", "./meta.json", "./runs.jsonl", "./self_instruct.jsonl"} <= set(packed.getnames())
+        packed.extractall(tmp_path / "back", filter="data")
+    assert main(["store", str(tmp_path / "back"), "--into", str(store), "--check-float32", "0"]) == 0  # kept here
     assert len(read_data([store])) == trained
     assert read_manifest(store)["shards"][1]["runs"][0]["float32_check"]["answers"] == 4
     with tarfile.open(out / "medusa.tar") as packed:

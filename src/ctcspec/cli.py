@@ -921,7 +921,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_store(args) -> int:
-    """Add distilled directories to a data store (each checked before anything is written), then summarise it."""
+    """Add distilled directories to a data store, one shard each (each directory's metadata is checked before any is
+    written; its samples, base and the store's budget as it is added), then summarise the store."""
     if not is_store(args.into):
         if not args.data:
             raise CtcspecError(f"{str(args.into)!r} is not a data store yet: give distilled directories to add")

@@ -106,11 +106,11 @@ class SpeculativeEngine:
             raise CtcspecError("the backend runs another model than the one given to the engine")
         if drafter.drafts and (problem := tree_precision_problem(model)):
             raise CtcspecError(f"the {drafter.name} drafter cannot run losslessly here: {problem}")
-        self.backend = backend or make_backend(model)
         layers = int(getattr(model.config, "num_hidden_layers", 0))
         if drafter.needs_hidden_states and any(not 0 <= i < layers for i in drafter.feature_layers):
             raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)}; this "
                                f"model has layers 0 .. {layers - 1} beside its last")
+        self.backend = backend or make_backend(model)
         if drafter.needs_hidden_states and drafter.feature_layers and not self.backend.earlier_layers:
             raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)} beside "
                                f"the last, which the {self.backend.name} backend does not return; use --backend "

@@ -202,8 +202,9 @@ def data_digest(samples: list[dict]) -> str:
 
 def check_data_base(data_dirs: list[Path], model) -> None:
     """Every store and distilled directory that records its base model was distilled from `model` (an LM head
-    fingerprint in common), or the error names it. Data recorded only in float32 (no rounded fingerprints) cannot
-    be checked against a model loaded in a lower precision, and passes."""
+    fingerprint in common), or the error names it. A base recorded in one precision without rounded fingerprints
+    (fp32 data from before they were recorded, or bf16/fp16-distilled data) cannot be checked against a model
+    loaded in bf16/fp16, and passes."""
     for directory in data_dirs:
         if is_store(directory):
             base = read_manifest(directory)["base"]

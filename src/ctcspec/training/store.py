@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ STORE_FORMAT = 1
 DEFAULT_MAX_MB = 30.0  # the repository's budget for distilled data (issue 25); past it, data lives elsewhere
 
 
+SHARD_NAME = re.compile(r"\d{4}-[A-Za-z0-9._-]+\.jsonl\.xz")  # inside the store, never a path elsewhere
 SHARD_KEYS = {"file": str, "sha256": str, "bytes": int, "samples": int, "tokens": int, "answer_tokens": int,
               "sources": dict}
 
@@ -64,6 +66,12 @@ def read_manifest(store: Path) -> dict:
     for number, shard in enumerate(manifest["shards"]):
         bad = [key for key, kind in SHARD_KEYS.items() if not isinstance(shard, dict) or not isinstance(shard.get(key),
                                                                                                      kind)]
+        if not bad and not SHARD_NAME.fullmatch(shard["file"]):
+            bad = ["file name"]
+        if not bad and not all(isinstance(c, dict) and all(isinstance(c.get(k), int) for k in ("samples",
+                                                                                              "answer_tokens"))
+                               for c in shard["sources"].values()):
+            bad = ["sources"]
         if bad:
             raise CtcspecError(f"data store manifest {str(path)!r}: shard {number} lacks a valid {', '.join(bad)}")
     return manifest
@@ -152,8 +160,13 @@ def _merged_base(known: dict | None, new: dict) -> dict:
     """The store's base description with the fingerprints a new shard's adds (another precision's, say)."""
     if known is None:
         return new
-    rounded = {**(new.get("lm_head_sha256_rounded") or {}), **(known.get("lm_head_sha256_rounded") or {})}
+    rounded = {**_rounded(new), **_rounded(known)}
     return {**known, **({"lm_head_sha256_rounded": rounded} if rounded else {})}
+
+
+def _rounded(base: dict) -> dict:
+    rounded = base.get("lm_head_sha256_rounded")
+    return rounded if isinstance(rounded, dict) else {}
 
 
 def _by_source(samples: list[dict]) -> dict[str, dict[str, int]]:

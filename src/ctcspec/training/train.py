@@ -78,7 +78,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: float = 0.05
-    heldout_every: int = 50          # every 50th sample (by index) is held out
+    heldout_every: int = 50          # every 50th sample is held out (by position; in a data store, by prompt hash)
     eval_every: int = 100
     eval_samples: int = 16           # held-out samples for the progress bar's acceptance proxy
     final_eval_samples: int = 64     # held-out samples for the saved acceptance curves
