@@ -27,8 +27,8 @@ def tiny_module(model, seed: int = 0, vocab: int = 64, **options):
     return module
 
 
-def tiny_ctc_drafter(model, seed: int = 0, **options) -> CTCDrafter:
-    return CTCDrafter(tiny_module(model, seed), **options)
+def tiny_ctc_drafter(model, seed: int = 0, tree_budget: int = 16, **options) -> CTCDrafter:
+    return CTCDrafter(tiny_module(model, seed), budget=tree_budget, **options)
 
 
 def write_distilled(model, path, count: int = 40, prompt_len: int = 6, answer_len: int = 30, seed: int = 0):
@@ -58,4 +58,4 @@ def tiny_heads_module(model, kind: str, seed: int = 0, vocab: int = 64, depth: i
 
 
 def tiny_heads_drafter(model, kind: str, seed: int = 0, tree_budget: int = 8):
-    return HeadsDrafter(tiny_heads_module(model, kind, seed), tree_budget=tree_budget)
+    return HeadsDrafter(tiny_heads_module(model, kind, seed), budget=tree_budget)

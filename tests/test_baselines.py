@@ -12,8 +12,8 @@ import torch
 from ctc_helpers import tiny_heads_drafter, tiny_heads_module, tiny_module, write_distilled
 
 from conftest import hf_greedy, tiny_model
+from ctcspec.assembly import build_drafter
 from ctcspec.backends import make_backend
-from ctcspec.budget import choose_tree_budget
 from ctcspec.drafters import make_drafter
 from ctcspec.drafters.base import DraftRequest
 from ctcspec.engine import SpeculativeEngine
@@ -75,9 +75,10 @@ def test_step_by_step_drafting_matches_the_offline_search(llama, kind):
         request = DraftRequest(tokens[0, :anchor + 2], 6, new_hidden=hidden[0, seen + 1:anchor + 1])
         seen = anchor
         tree = drafter.propose(request)
-        expected = build_tree(module_nodes(module, context, drafter.tree_budget, 6), drafter.tree_budget,
+        budget = drafter.budget.tree_budget
+        expected = build_tree(module_nodes(module, context, budget, 6), budget,
                               module.vocab_ids.tolist())
-        assert tree == expected and len(tree) == drafter.tree_budget
+        assert tree == expected and len(tree) == budget
 
 
 def _config(**overrides):
@@ -98,9 +99,8 @@ def test_training_learns_and_the_drafter_stays_lossless(llama, tmp_path, kind):
     assert summary["acceptance_curve"]["search"][8] > untrained[8]
     config = json.loads((tmp_path / kind / "config.json").read_text())
     assert config["kind"] == kind and config["parameters"] > 0
-    drafter = make_drafter(kind, model=llama, drafter_dir=tmp_path / kind)
-    drafter.tree_budget = choose_tree_budget(drafter, make_backend(llama))  # from its curve and this machine's costs
-    assert drafter.tree_budget in summary["acceptance_curve"]["search"]
+    drafter = build_drafter(kind, make_backend(llama), {kind: tmp_path / kind})  # budget: its curve and our costs
+    assert drafter.budget.tree_budget in summary["acceptance_curve"]["search"]
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)
 

@@ -6,10 +6,10 @@ import pytest
 from ctc_helpers import tiny_ctc_drafter
 
 from conftest import tiny_model
-from ctcspec.budget import BudgetPlan, interpolate_cost
 from ctcspec.drafters.hybrid import CTCLookupDrafter
 from ctcspec.drafters.lookup import LookupDrafter
 from ctcspec.engine import SpeculativeEngine
+from ctcspec.pricing import BudgetPlan, PricedBudget, interpolate_cost
 from ctcspec.tree import TokenTree
 
 
@@ -62,15 +62,15 @@ def test_priced_ctc_lookup_stops_drafting_ctc_nodes_that_are_not_kept():
     after a few steps (the held-out curve rescaled by what it kept), but for a probe every 8th step."""
     model = tiny_model("llama")
     plan = BudgetPlan({2: 0.8, 4: 1.2}, {1: 1.0, 3: 1.2, 5: 1.4, 16: 3.0}, {2: 0.0, 4: 0.0})
-    hybrid = CTCLookupDrafter(tiny_ctc_drafter(model, seed=3, tree_budget=4), NoMatches()).priced(plan)
+    hybrid = CTCLookupDrafter(tiny_ctc_drafter(model, seed=3, tree_budget=PricedBudget(plan, 4)), NoMatches())
     budgets = []
-    propose = hybrid.ctc.propose
+    draft = hybrid.ctc.draft
 
-    def record(request):
-        budgets.append(hybrid.ctc.tree_budget)
-        return propose(request)
+    def record(request, tree_budget):
+        budgets.append(tree_budget)
+        return draft(request, tree_budget)
 
-    hybrid.ctc.propose = record
+    hybrid.ctc.draft = record
     result = SpeculativeEngine(model, hybrid).generate([5, 6, 7, 8, 9, 10, 11], 80)
     assert budgets[0] == 4                         # the held-out curve says CTC pays, at first
     late = budgets[len(budgets) // 2:]

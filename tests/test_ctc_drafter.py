@@ -10,12 +10,12 @@ import torch
 from ctc_helpers import tiny_ctc_drafter, tiny_module, write_distilled
 
 from conftest import hf_greedy, tiny_model
-from ctcspec.budget import AdaptiveBudget, BudgetPlan
-from ctcspec.drafters import VanillaDrafter, make_drafter
+from ctcspec.drafters import make_drafter
 from ctcspec.drafters.base import DraftRequest
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.modules.files import load_drafter_module, save_drafter
+from ctcspec.pricing import BudgetPlan, PricedBudget
 from ctcspec.training.data import draft_targets
 from ctcspec.training.evaluate import acceptance_curve
 from ctcspec.training.train import TrainConfig, train
@@ -158,7 +158,6 @@ def test_training_learns_and_saves_a_loadable_drafter(llama, tmp_path):
     assert seen == sorted(seen) and seen[-1] == summary["answer_tokens_seen"] > 0
     drafter = make_drafter("ctc", model=llama, drafter_dir=tmp_path / "drafter")
     assert drafter.acceptance_curve == summary["acceptance_curve"]["beam"]
-    drafter.tree_budget = 6
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)
 
@@ -192,7 +191,7 @@ def test_resumed_training_equals_an_uninterrupted_run(llama, tmp_path, monkeypat
 def test_adaptive_budget_follows_the_observed_acceptance():
     acceptance, cost = {1: 0.6, 4: 1.2, 8: 1.5, 16: 1.7}, {1: 1.0, 2: 1.6, 5: 1.7, 9: 2.0, 17: 2.2}
     plan = BudgetPlan(acceptance, cost, dict.fromkeys(acceptance, 0.1))
-    policy = AdaptiveBudget(VanillaDrafter(), plan)
+    policy = PricedBudget(plan, plan.best())
     assert policy.choose(0.0, 0.0) == plan.best() == 4  # the prior alone
     assert policy.choose(60.0, 20.0) == 16      # drafts accepted 3x as often as expected: a bigger tree pays
     assert policy.choose(1.0, 30.0) == 0        # drafts rejected: plain decoding is faster
@@ -203,7 +202,7 @@ def test_adaptive_drafter_stops_drafting_when_nothing_is_accepted(llama):
     expected = hf_greedy(llama, prompt, 60)
     plan = BudgetPlan({4: 1.2, 8: 1.5}, {1: 1.0, 5: 1.6, 9: 1.8}, {4: 0.1, 8: 0.1})
     fixed = SpeculativeEngine(llama, tiny_ctc_drafter(llama, tree_budget=8)).generate(prompt, 60)
-    drafter = AdaptiveBudget(tiny_ctc_drafter(llama, tree_budget=8), plan)
+    drafter = tiny_ctc_drafter(llama, tree_budget=PricedBudget(plan, 8, probe=8))
     adaptive = SpeculativeEngine(llama, drafter).generate(prompt, 60)
     assert fixed.tokens == adaptive.tokens == expected
     assert adaptive.stats.drafted_nodes < fixed.stats.drafted_nodes / 2  # a random module's drafts never pay

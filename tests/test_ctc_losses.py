@@ -165,7 +165,6 @@ def test_new_recipes_learn_save_and_stay_lossless(llama, tmp_path, options):
     for name, value in options.items():
         assert getattr(module.config, name) == value
     drafter = make_drafter("ctc", model=llama, drafter_dir=tmp_path / "drafter")
-    drafter.tree_budget = 6
     prompt = [5, 9, 12, 40, 41]
     assert SpeculativeEngine(llama, drafter).generate(prompt, 30).tokens == hf_greedy(llama, prompt, 30)
 

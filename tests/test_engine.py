@@ -98,7 +98,7 @@ def test_branching_tree_accepts_the_right_branch(model_and_truth):
 def test_duplicate_prefixes_are_verified_once(model_and_truth):
     backend, truth = model_and_truth
     raw = TokenTree((truth[1], truth[1], truth[2], truth[2], truth[3]), (ROOT, ROOT, 0, 1, 3))
-    tree = raw.deduplicated()
+    tree = raw.truncated()
     assert len(tree) == 3
     cache, tokens = start(backend)
     step = speculative_step(backend, cache, tokens, tree)

@@ -7,11 +7,11 @@ import torch
 from ctc_helpers import tiny_ctc_drafter, tiny_heads_drafter
 
 from conftest import VOCAB, hf_greedy, tiny_model
-from ctcspec.budget import BudgetPlan
 from ctcspec.drafters import DRAFTERS, LookupDrafter, VanillaDrafter
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.drafters.hybrid import CTCLookupDrafter
 from ctcspec.engine import SpeculativeEngine
+from ctcspec.pricing import BudgetPlan, PricedBudget
 from ctcspec.tree import TokenTree
 
 
@@ -68,10 +68,11 @@ PRICES = BudgetPlan({2: 0.6, 6: 1.2}, {1: 1.0, 4: 1.3, 8: 1.6, 16: 2.4}, {2: 0.0
 
 def drafters_for(prompt, answer, model):
     ctc = tiny_ctc_drafter(model, seed=len(prompt), tree_budget=12)
-    priced = CTCLookupDrafter(tiny_ctc_drafter(model, seed=2, tree_budget=6), LookupDrafter(min_ngram=1))
+    priced = CTCLookupDrafter(tiny_ctc_drafter(model, seed=2, tree_budget=PricedBudget(PRICES, 6)),
+                              LookupDrafter(min_ngram=1))
     return [VanillaDrafter(), LookupDrafter(), LookupDrafter(min_ngram=1, tree_budget=40),
             ctc, CTCLookupDrafter(tiny_ctc_drafter(model, seed=1, tree_budget=6), LookupDrafter(min_ngram=1)),
-            priced.priced(PRICES),
+            priced,
             *(tiny_heads_drafter(model, kind, seed=len(prompt), tree_budget=4 + len(prompt) % 9)
               for kind in ("medusa", "hydra", "eagle")),
             RandomTreeDrafter(len(prompt)), OracleDrafter(prompt, answer)]

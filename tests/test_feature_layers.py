@@ -73,7 +73,7 @@ def test_decoding_with_feature_layers_identical_to_hf_generate(arch, backend):
     gen = torch.Generator().manual_seed(5)
     for i in range(4):
         prompt = torch.randint(2, 96, (4 + 9 * i,), generator=gen).tolist()
-        drafter = CTCDrafter(tiny_module(model, seed=i, feature_layers=LAYERS[: 1 + i % 2]), tree_budget=3 + 4 * i)
+        drafter = CTCDrafter(tiny_module(model, seed=i, feature_layers=LAYERS[: 1 + i % 2]), budget=3 + 4 * i)
         got = SpeculativeEngine(model, drafter, backend=backend(model)).generate(prompt, 32)
         assert got.tokens == hf_greedy(model, prompt, 32), f"{arch} prompt {i}"
 
@@ -90,7 +90,7 @@ def test_the_drafter_gets_the_layers_hf_computes_at_the_accepted_positions(llama
             return super().propose(request)
 
     prompt = [5, 17, 33, 8, 61, 2]
-    out = SpeculativeEngine(llama, Spy(tiny_module(llama, feature_layers=LAYERS), tree_budget=6),
+    out = SpeculativeEngine(llama, Spy(tiny_module(llama, feature_layers=LAYERS), budget=6),
                             backend=backend(llama)).generate(prompt, 24)
     sequence = torch.tensor([prompt + out.tokens])
     with torch.no_grad():

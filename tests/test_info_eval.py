@@ -15,9 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
 from ctcspec.backends import make_backend
-from ctcspec.budget import COST_SIZES, BudgetPlan, cost_cache_path, expected_rate
+from ctcspec.budget import COST_SIZES, cost_cache_path
 from ctcspec.models import load_model
 from ctcspec.modules.files import describe_base, load_drafter_module, read_config, save_drafter
+from ctcspec.pricing import BudgetPlan, expected_rate
 from ctcspec.training.compare import ablation_rows, heldout_samples, predict, read_ablations
 from ctcspec.training.distill import read_samples
 from ctcspec.training.evaluate import acceptance_curve

@@ -17,10 +17,11 @@ from test_equivalence import OracleDrafter, RandomTreeDrafter
 from transformers import AutoModelForCausalLM, GraniteConfig
 
 from conftest import _COMMON, ARCHS
+from ctcspec.assembly import build_drafter
 from ctcspec.backends import make_backend
 from ctcspec.backends.llamacpp import path_seq_ids
 from ctcspec.bench.peers import LlamaCppPeer
-from ctcspec.cli import build_drafter, build_parser, drafter_dirs
+from ctcspec.cli import build_parser, cli_drafter_dirs
 from ctcspec.decoding import eos_ids
 from ctcspec.drafters import LookupDrafter, VanillaDrafter
 from ctcspec.engine import SpeculativeEngine
@@ -195,7 +196,7 @@ def test_smollm2_shipped_drafters_on_llama_cpp_equal_llama_cpp_greedy(smollm2):
     texts = ["Write a Python function that reverses a linked list.", "What is 17 times 23? Answer briefly."]
     betas = []
     for name, args in (("ctc+lookup", fixed), ("ctc", fixed), ("lookup", fixed), ("ctc+lookup", default)):
-        drafter = build_drafter(name, args, backend, drafter_dirs(args))
+        drafter = build_drafter(name, backend, cli_drafter_dirs(args), args.tree_budget, args.adaptive_budget)
         engine = SpeculativeEngine(smollm2.model, drafter, backend=backend)
         for text in texts:
             prompt = encode_chat(smollm2.tokenizer, [{"role": "user", "content": text}])

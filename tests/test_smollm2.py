@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import hf_greedy
+from ctcspec.assembly import build_drafter, drafter_dirs
 from ctcspec.backends import make_backend
-from ctcspec.budget import COST_SIZES, budget_plan, choose_tree_budget, cost_cache_path
+from ctcspec.budget import COST_SIZES, budget_plan, cost_cache_path
 from ctcspec.decoding import eos_ids
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
 from ctcspec.engine import SpeculativeEngine
@@ -63,10 +64,8 @@ def test_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
     model = smollm2.model
     if kernels != "plain":
         model = load_model(kernels=kernels).model  # a second copy: the oracle's model stays as loaded
-    drafters = [shipped(name, model) for name in DRAFTERS]
-    for drafter in drafters:
-        if drafter.acceptance_curve:
-            drafter.tree_budget = 8
+    backend = make_backend(model)
+    drafters = [build_drafter(name, backend, drafter_dirs((), model), tree_budget=8) for name in DRAFTERS]
     stops = set()
     for (prompt, expected), text in zip(hf_answers, PROMPTS, strict=True):
         for drafter in drafters:
@@ -87,9 +86,11 @@ def test_chat_template_and_weights_load(smollm2):
 def test_shipped_drafters_are_small_and_choose_their_budget_from_curve_and_costs(smollm2, kind):
     directory = shipped_drafter_dir(DEFAULT_MODEL, kind)
     assert sum(f.stat().st_size for f in directory.iterdir()) < 30e6
-    drafter = shipped(kind, smollm2.model)
     backend = make_backend(smollm2.model)
-    choice = choose_tree_budget(drafter, backend)
+    dirs = drafter_dirs((), smollm2.model)  # the shipped drafters are found by their base's fingerprint
+    assert dirs == {k: shipped_drafter_dir(DEFAULT_MODEL, k) for k in ("ctc", "medusa", "hydra", "eagle")}
+    drafter = build_drafter(kind, backend, dirs)
+    choice = drafter.budget.tree_budget
     assert cost_cache_path(backend, COST_SIZES).is_file()  # measured once, cached
     plan = budget_plan(drafter, backend)
     assert choice in drafter.acceptance_curve

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ctcspec.backends.hf import tree_attention_mask
-from ctcspec.tree import ROOT, TokenTree
+from ctcspec.tree import ROOT, TokenTree, is_chain
 from ctcspec.verify import node_parents
 
 
@@ -16,7 +16,7 @@ def test_from_sequences_merges_shared_prefixes():
 
 def test_deduplicated_merges_duplicate_siblings_and_their_subtrees():
     tree = TokenTree((5, 5, 6, 6, 7), (ROOT, ROOT, 0, 1, 3))
-    dedup = tree.deduplicated()
+    dedup = tree.truncated()
     assert dedup.tokens == (5, 6, 7)
     assert dedup.parents == (ROOT, 0, 1)
 
@@ -36,9 +36,9 @@ def test_invalid_parent_order_is_rejected():
 
 
 def test_chain_detection():
-    assert TokenTree.chain([1, 2, 3]).is_chain()
-    assert TokenTree().is_chain()
-    assert not TokenTree.from_sequences([[1], [2]]).is_chain()
+    assert is_chain(TokenTree.chain([1, 2, 3]).parents)
+    assert is_chain(TokenTree().parents)
+    assert not is_chain(TokenTree.from_sequences([[1], [2]]).parents)
 
 
 def test_attention_mask_lets_each_node_see_context_and_ancestors_only():

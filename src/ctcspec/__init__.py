@@ -5,9 +5,11 @@ modules/, the ways their nodes are ranked in search.py) -> tree.py (token tree) 
 (one base forward over the tree) -> decoding.py (how generate picks each token: processors, argmax
 or sampling, stopping criteria) -> accept.py (walk the tree as the base model decodes it) -> engine.py
 (the loop that ties them together; custom_generate.py runs it inside model.generate).
-budget.py picks the tree size for this machine; training/ makes drafters, bench/ measures them.
+pricing.py is the tree-size rule, budget.py measures what it rests on, assembly.py puts an engine together
+(`build_engine`: what the CLI, the server and custom_generate call); training/ makes drafters, bench/ measures them.
 """
 
+from ctcspec.assembly import build_engine
 from ctcspec.custom_generate import speculative_generate
 from ctcspec.decoding import Decoding, decoding_for
 from ctcspec.engine import GenerationResult, GenerationStats, SpeculativeEngine
@@ -15,5 +17,5 @@ from ctcspec.errors import CtcspecError
 from ctcspec.tree import TokenTree
 
 __all__ = ["CtcspecError", "Decoding", "GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree",
-           "decoding_for", "speculative_generate"]
+           "build_engine", "decoding_for", "speculative_generate"]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ctcspec import __version__
+from ctcspec.assembly import build_drafter, build_engine, default_drafter, drafter_dirs
 from ctcspec.backends import BACKENDS, Backend, LlamaCppBackend, make_backend
 from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
 from ctcspec.bench.peers import (
@@ -40,11 +41,11 @@ from ctcspec.bench.report import cpu_model, environment, peak_rss_mb, write_outp
 from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
 from ctcspec.bench.store import BenchStore
 from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
-from ctcspec.budget import AdaptiveBudget, budget_plan, choose_tree_budget, drafting_cost_curve, machine_cost_curve
+from ctcspec.budget import drafting_cost_curve, machine_cost_curve
 from ctcspec.chat import Conversation, run_chat
 from ctcspec.cpu_kernels import KERNELS
 from ctcspec.decoding import MIN_TEMPERATURE, decoding_for, eos_ids, settings_in_effect
-from ctcspec.drafters import DRAFTERS, MODULE_KIND, Drafter, check_drafter_name, make_drafter
+from ctcspec.drafters import DRAFTERS, MODULE_KIND, check_drafter_name, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.gguf import PRECISIONS, converter_path, gguf_for, import_llama_cpp
@@ -627,67 +628,29 @@ def print_tokens(tokenizer) -> Callable[[list[int]], None]:
     return write
 
 
-def drafter_dirs(args) -> dict[str, Path]:
-    """Trained drafter directories by kind: each --drafter-path (its kind read from its config.json), then
-    the drafters shipped for the embedded default model for the kinds not given."""
-    dirs: dict[str, Path] = {}
-    for path in args.drafter_path:
-        kind = drafter_kind(path)
-        if kind in dirs:
-            raise CtcspecError(f"--drafter-path: two {kind} drafters given ({dirs[kind]} and {path})")
-        dirs[kind] = path
-    for kind in KINDS:
-        shipped = shipped_drafter_dir(args.model, kind) if args.model == DEFAULT_MODEL else None
-        if kind not in dirs and shipped is not None:
-            dirs[kind] = shipped
-    return dirs
+def cli_drafter_dirs(args) -> dict[str, Path]:
+    """Trained drafter directories by kind, before the model loads (the CLI knows the model by name): each
+    --drafter-path, then the drafters shipped for the embedded default model for the kinds not given."""
+    dirs = drafter_dirs(args.drafter_path)
+    shipped = {kind: shipped_drafter_dir(args.model, kind) for kind in KINDS} if args.model == DEFAULT_MODEL else {}
+    return {**{kind: path for kind, path in shipped.items() if path is not None}, **dirs}
 
 
-def build_drafter(name: str, args, backend: Backend, dirs: dict[str, Path]) -> Drafter:
-    """The named drafter with its tree budget settled: --tree-budget (fixed), else chosen for this machine (the
-    budget step) and priced step by step where the drafter does that (ctc+lookup), or re-chosen every step with
-    --adaptive-budget."""
-    kind = MODULE_KIND.get(name)
-    if kind is not None and kind not in dirs:
-        raise CtcspecError(f"the {name} drafter needs a trained {kind} drafter: pass --drafter-path DIR "
-                           f"(train one with ctcspec distill + ctcspec train --kind {kind})")
-    drafter = make_drafter(name, backend.model, dirs.get(kind), transform=args.transform)
-    if kind is None:
-        return drafter
-    if args.tree_budget is not None and not args.adaptive_budget:
-        drafter.tree_budget = args.tree_budget
-        return drafter
-    plan = budget_plan(drafter, backend)
-    if plan is None:
-        if args.adaptive_budget:
-            raise CtcspecError(f"--adaptive-budget needs a {name} drafter whose config.json holds acceptance curves")
-        return drafter
-    drafter.tree_budget = args.tree_budget or choose_tree_budget(drafter, backend, plan)
-    return AdaptiveBudget(drafter, plan) if args.adaptive_budget else drafter.priced(plan)
-
-
-def default_drafter(args, dirs: dict[str, Path]) -> str:
-    """generate's default: ctc+lookup with a CTC drafter (the fastest on both benchmarks here, README
-    Results), else the kind of the first --drafter-path, else lookup."""
-    if "ctc" in dirs:
-        return "ctc+lookup"
-    return drafter_kind(args.drafter_path[0]) if args.drafter_path else "lookup"
-
-
-def build_engine(args) -> tuple[LoadedModel, SpeculativeEngine]:
-    """The model and an engine with --drafter (default: default_drafter) on --backend."""
-    dirs = drafter_dirs(args)
-    name = check_drafter_name(args.drafter or default_drafter(args, dirs))
+def engine_from_args(args) -> tuple[LoadedModel, SpeculativeEngine]:
+    """The model and an engine (assembly.build_engine) with --drafter (default: assembly.default_drafter) on
+    --backend, its budget from --tree-budget and --adaptive-budget."""
+    dirs = cli_drafter_dirs(args)
+    name = check_drafter_name(args.drafter or default_drafter(dirs, args.drafter_path))
     loaded, backend = _load_backend(args)
-    drafter = build_drafter(name, args, backend, dirs)
-    return loaded, SpeculativeEngine(loaded.model, drafter, backend=backend)
+    return loaded, build_engine(loaded.model, name, backend=backend, drafter_paths=list(dirs.values()),
+                                tree_budget=args.tree_budget, adaptive=args.adaptive_budget, transform=args.transform)
 
 
 def cmd_generate(args) -> int:
     text = require_prompt(_read_prompt(args))  # before the model loads: fail fast
     settings = generation_settings(args)
     seed = args.seed if args.seed is not None or not settings["do_sample"] else secrets.randbelow(2**31)
-    loaded, engine = build_engine(args)
+    loaded, engine = engine_from_args(args)
     drafter, name = engine.drafter, engine.drafter.name
     prompt_ids = encode(loaded.tokenizer, text, chat=args.chat)
     in_effect = settings_in_effect(loaded.model, settings)
@@ -811,7 +774,7 @@ def write_bench_outputs(store: BenchStore, meta: dict) -> None:
 
 
 def cmd_bench(args) -> int:
-    dirs = drafter_dirs(args)
+    dirs = cli_drafter_dirs(args)
     names = bench_drafter_names(args, dirs)  # before loading anything
     settings = generation_settings(args)
     if args.peers and settings != GREEDY:
@@ -831,7 +794,8 @@ def cmd_bench(args) -> int:
     if args.peers and processors:
         raise CtcspecError(f"--peers: the peers decode plain greedy, without the logits processors these settings or "
                            f"the model's generation_config ask for ({', '.join(type(p).__name__ for p in processors)})")
-    drafters = {name: build_drafter(name, args, backend, dirs) for name in names}
+    drafters = {name: build_drafter(name, backend, dirs, args.tree_budget, args.adaptive_budget, args.transform)
+                for name in names}
     meta = {"model": str(loaded.path), "bench": bench_name, "questions": str(args.questions),
             "command": "ctcspec " + " ".join(sys.argv[1:]), "max_new_tokens": args.max_new_tokens,
             "device": args.device, "dtype": args.dtype, **environment(), **backend.describe(),
@@ -1159,7 +1123,7 @@ def cmd_serve(args) -> int:
     from ctcspec.server.app import check_address, create_app, run_server
 
     check_address(args.host, args.port)  # before the model loads: fail fast
-    loaded, engine = build_engine(args)
+    loaded, engine = engine_from_args(args)
     service = GenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())
     app = create_app(service, args.served_model_name or args.model, args.api_key)
     logging.getLogger("ctcspec").info("serving %s with the %s drafter at http://%s:%d (chat page at /, API at /v1)",
@@ -1170,7 +1134,7 @@ def cmd_serve(args) -> int:
 
 def cmd_chat(args) -> int:
     settings = generation_settings(args)
-    loaded, engine = build_engine(args)
+    loaded, engine = engine_from_args(args)
     conversation = Conversation(engine, loaded.tokenizer, args.max_new_tokens, settings, system=args.system)
     conversation.prompt_ids("hello")  # a model without a chat template is refused before the first line
     return run_chat(conversation, sys.stdin, sys.stdout, sys.stderr, sys.stdin.isatty(), seed=args.seed)

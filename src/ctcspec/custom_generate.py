@@ -1,6 +1,6 @@
 """ctcspec inside `model.generate()`: a decoding function for transformers' `custom_generate` hook.
 
-    model.generate(input_ids, custom_generate=ctcspec.speculative_generate, drafter=drafter,
+    model.generate(input_ids, custom_generate=ctcspec.speculative_generate, drafter="ctc+lookup",
                    max_new_tokens=200, do_sample=True, temperature=0.7)
 
 transformers prepares everything as for its own decoding — the generation_config merged with the caller's
@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ctcspec.assembly import build_engine
 from ctcspec.decoding import Decoding
 from ctcspec.drafters.base import Drafter
 from ctcspec.engine import SpeculativeEngine
@@ -40,18 +41,21 @@ def _check_input(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
 
 def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, logits_processor: LogitsProcessorList,
                          stopping_criteria: StoppingCriteriaList, generation_config: GenerationConfig,
-                         drafter: Drafter | None = None, engine: SpeculativeEngine | None = None, **model_kwargs):
+                         drafter: str | Drafter | None = None, engine: SpeculativeEngine | None = None,
+                         **model_kwargs):
     """Decode `input_ids` (one sequence) with speculative decoding, as transformers' decoding loop would: the same
-    tokens when greedy, the same distribution when sampling. Give a `drafter`, or an `engine` built on `model`
-    (to choose its backend or reuse it across calls). Returns what generate returns: the sequences (prompt +
-    new tokens), or a GenerateDecoderOnlyOutput holding them with return_dict_in_generate=True."""
+    tokens when greedy, the same distribution when sampling. Give a `drafter` (a name, assembled as `ctcspec
+    generate` does it, its budget chosen for this machine: assembly.build_engine; or a Drafter, used as it is), or an
+    `engine` built on `model` (to choose its backend, or to reuse it across calls rather than assemble one per call).
+    Returns what generate returns: the sequences (prompt + new tokens), or a GenerateDecoderOnlyOutput holding them
+    with return_dict_in_generate=True."""
     streamer = _generate_streamer()
     decoding = Decoding.from_generate(logits_processor, stopping_criteria, generation_config,  # first: num_beams
                                       input_ids.device)
     _check_input(input_ids, model_kwargs.get("attention_mask"))  # generate repeats the prompt num_beams times
     if (drafter is None) == (engine is None):
         raise CtcspecError("speculative_generate needs either drafter= or engine= (not both)")
-    engine = engine or SpeculativeEngine(model, drafter)
+    engine = engine or build_engine(model, drafter)
     if engine.model is not model:
         raise CtcspecError("the engine was built for another model than the one generating")
     max_context, limit = engine.backend.context_limit(engine.max_context)

@@ -70,10 +70,6 @@ class TokenTree:
             paths.append((paths[parent] if parent != ROOT else ()) + (token,))
         return paths
 
-    def deduplicated(self) -> TokenTree:
-        """Merge siblings that carry the same token (and so their subtrees): each distinct prefix once."""
-        return TokenTree.from_sequences(self.paths())
-
     def truncated(self, tree_budget: int | None = None, max_depth: int | None = None) -> TokenTree:
         """Keep the first `tree_budget` nodes no deeper than `max_depth` (descendants of dropped nodes go too)."""
         return TokenTree.from_sequences(self.paths(), tree_budget=tree_budget, max_depth=max_depth)
@@ -89,5 +85,7 @@ class TokenTree:
             depth += 1
         return depth
 
-    def is_chain(self) -> bool:
-        return all(parent == i - 1 for i, parent in enumerate(self.parents))
+
+def is_chain(parents: Sequence[int]) -> bool:
+    """Whether nodes with these parents form one chain down from the root (each node the child of the one before)."""
+    return all(parent == i - 1 for i, parent in enumerate(parents))

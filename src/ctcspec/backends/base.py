@@ -39,10 +39,6 @@ def node_depths(parents: list[int]) -> list[int]:
     return depths
 
 
-def is_chain(parents: list[int]) -> bool:
-    return all(parent == i - 1 for i, parent in enumerate(parents))
-
-
 class Backend(ABC):
     """Runs the base model `model` (a loaded HF causal LM: its config, generation config and embeddings
     are what drafters and the engine read) for one sequence at a time."""

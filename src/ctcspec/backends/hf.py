@@ -10,9 +10,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, is_chain, node_depths
+from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, node_depths
 from ctcspec.cpu_kernels import linear_kernels_of
 from ctcspec.errors import CtcspecError
+from ctcspec.tree import is_chain
 
 COMPACTABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # cache layers `compact_cache` can cut to a path
 MASKED_ATTENTION = ("eager", "sdpa")  # attention implementations that read an additive 4D float mask

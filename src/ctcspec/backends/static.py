@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, is_chain, node_depths
+from ctcspec.backends.base import Backend, ForwardResult, HiddenLayers, node_depths
 from ctcspec.backends.hf import check_supported, tree_attention_mask
 from ctcspec.cpu_kernels import linear_kernels_of
 from ctcspec.errors import CtcspecError
+from ctcspec.tree import is_chain
 
 SUPPORTED_TYPES = ("llama", "qwen2")  # model_type values whose decoder layers this loop reproduces exactly
 

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from ctcspec.backends import Backend
 from ctcspec.bench.questions import Question
-from ctcspec.bench.summary import HF, report_of
+from ctcspec.bench.summary import HF
 from ctcspec.cpu_kernels import plain_linear_layers
-from ctcspec.decoding import eos_ids, settings_in_effect
+from ctcspec.decoding import eos_ids
 from ctcspec.drafters import Drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.prompts import encode_chat
@@ -187,14 +187,3 @@ def loglik_scorer(model, in_effect: dict) -> Scorer | None:
     if not in_effect["do_sample"]:
         return None
     return lambda prompt, tokens: output_loglik(model, prompt, tokens, in_effect["temperature"])
-
-
-def run_bench(backend: Backend, tokenizer, questions: list[Question], drafters: dict[str, Drafter], max_new_tokens: int,
-              include_hf: bool = True, progress: bool = True, settings: dict | None = None, seed: int = 0) -> dict:
-    """The whole benchmark in memory: the report ({"systems", "turns"}) of every question."""
-    systems = bench_systems(list(drafters), include_hf)
-    runners = system_runners(backend, drafters, settings=settings)
-    scorer = loglik_scorer(backend.model, settings_in_effect(backend.model, settings or GREEDY))
-    records = [r for rows in bench_questions(runners, tokenizer, questions, max_new_tokens, systems,
-                                             progress=progress, seed=seed, scorer=scorer) for r in rows]
-    return report_of(records, systems)

@@ -37,7 +37,7 @@ def make_drafter(name: str, model: torch.nn.Module | None = None, drafter_dir: s
                  transform: str = "beam") -> Drafter:
     """Build a drafter by name. Trained drafters load their module from `drafter_dir` (a saved drafter of
     the kind MODULE_KIND[name]) against the base `model`; their tree budget is left at the drafter's
-    default: pick it with `budget.choose_tree_budget` (or set `tree_budget`)."""
+    default: `assembly.build_drafter` settles it for this machine."""
     check_drafter_name(name)
     if name == "vanilla":
         return VanillaDrafter()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ctcspec.pricing import BudgetPolicy, FixedBudget
 from ctcspec.tree import TokenTree
 
 
@@ -32,7 +33,6 @@ class Drafter(ABC):
     drafts: bool = True                            # proposes draft tokens (False: plain decoding, one token a step)
     needs_hidden_states: bool = False
     feature_layers: tuple[int, ...] = ()           # base layers whose states it reads beside the last one's
-    tree_budget: int | None = None                 # draft nodes per step, for drafters that take a budget
     acceptance_curve: dict[int, float] | None = None  # held-out mean accepted draft tokens per tree budget
 
     def reset(self) -> None:  # noqa: B027 - optional hook, most drafters keep no per-sequence state
@@ -42,12 +42,30 @@ class Drafter(ABC):
     def propose(self, request: DraftRequest) -> TokenTree:
         """Return draft tokens continuing request.tokens (parent -1 = after the root)."""
 
-    def priced(self, plan) -> Drafter:
-        """This drafter, sizing its trees step by step with `plan` (budget.BudgetPlan: this machine's verification
-        cost curve, the held-out acceptance and drafting time per budget) where it can; most drafters draft at
-        their fixed `tree_budget` and return themselves unchanged."""
-        return self
-
     def settings(self) -> dict:
         """The options that shape this drafter's trees, for reports."""
-        return {} if self.tree_budget is None else {"tree_budget": self.tree_budget}
+        return {}
+
+
+class BudgetedDrafter(Drafter):
+    """A drafter that can draft trees of any size and drafts as many nodes as its `budget` policy says each step
+    (pricing.py: fixed, or priced step by step on this machine's measured curves). `budget` is chosen when the
+    drafter is assembled (assembly.py) and is not changed while it runs."""
+    budget: BudgetPolicy
+    shares_tree: bool = False  # its trees also hold another drafter's nodes (the budget is then priced beside them)
+
+    def __init__(self, budget: BudgetPolicy | int):
+        self.budget = FixedBudget(budget) if isinstance(budget, int) else budget
+
+    def reset(self) -> None:
+        self.budget.reset()
+
+    def propose(self, request: DraftRequest) -> TokenTree:
+        return self.draft(request, self.budget.next(request.accepted))
+
+    @abstractmethod
+    def draft(self, request: DraftRequest, tree_budget: int) -> TokenTree:
+        """`propose`, with at most `tree_budget` draft nodes (0: none; the drafter still takes in the new states)."""
+
+    def settings(self) -> dict:
+        return self.budget.settings()

@@ -5,7 +5,7 @@ Curves are measured on the held-out split training makes (every `TrainConfig().h
 of the same data directories, in the same order), so no drafter trained on those directories has seen
 them; or read from saved ablation runs (docs/ablations/). A prediction is (1 + accepted(b)) /
 (verify cost(b + 1) + draft cost(b)) relative to plain decoding's one token per one-token forward, at the
-budget b that maximises it (budget.BudgetPlan): it prices verification and drafting, nothing else.
+budget b that maximises it (pricing.BudgetPlan): it prices verification and drafting, nothing else.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ctcspec.budget import BudgetPlan, drafting_cost_curve
+from ctcspec.budget import drafting_cost_curve
 from ctcspec.drafters import TRAINED_DRAFTERS
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.modules import parameter_count
 from ctcspec.modules.files import load_drafter_module
+from ctcspec.pricing import BudgetPlan
 from ctcspec.training.data import read_data, split_heldout
 from ctcspec.training.evaluate import acceptance_curve
 from ctcspec.training.train import TrainConfig
