@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's "Against llama.cpp" tables: ctcspec's drafters with the base model in llama.cpp (--backend llama.cpp,
+# The "Against llama.cpp" tables (README's headline, docs/results.md): ctcspec's drafters with the base model in llama.cpp (--backend llama.cpp,
 # F32 GGUF of the same weights) beside llama.cpp's own plain greedy and prompt-lookup decoding (--peers), on the
 # same prompt ids, one thread each, 256 new tokens: MT-bench (first question per category, both turns) and the
 # first GSM8K test questions. Needs `make peers` (make test runs it) and ../shared/data (or --data-dir / $CTCSPEC_DATA).

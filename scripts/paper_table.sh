@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results: every drafter side by side on MT-bench (3 questions per category, both turns)
+# docs/results.md's main tables: every drafter side by side on MT-bench (3 questions per category, both turns)
 # and GSM8K (first 50 test questions), 256 new tokens, greedy; HF generate as a second reference on
 # MT-bench (GSM8K skips it, GSM8K_HF=1 adds it: it makes that run ~15 minutes longer). The two
 # benchmarks run at the same time, one thread each (this machine has two cores).

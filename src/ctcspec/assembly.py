@@ -50,7 +50,7 @@ def drafter_dirs(paths: Sequence[str | Path] = (), model: torch.nn.Module | None
 
 
 def default_drafter(dirs: dict[str, Path], paths: Sequence[str | Path] = ()) -> str:
-    """The default drafter: ctc+lookup with a CTC drafter (the fastest on both benchmarks here, README Results), else
+    """The default drafter: ctc+lookup with a CTC drafter (the fastest on both benchmarks here: docs/results.md), else
     the kind of the first of `paths`, else lookup."""
     if "ctc" in dirs:
         return "ctc+lookup"
