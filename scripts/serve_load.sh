@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The serving table (docs/results.md, docs/serving.md): `ctcspec serve` on the embedded default (one thread) under 1, 4 and 16 concurrent
+# The README's serving table (its Serve section): `ctcspec serve` on the embedded default (one thread) under 1, 4 and 16 concurrent
 # streaming clients (scripts/load.py), once with the default drafter and once with plain decoding (vanilla),
 # one server after the other. Writes runs/serve_load/<drafter>.{md,json}, each server's final /metrics and its log.
 # Usage: scripts/serve_load.sh [DURATION_S] [MAX_TOKENS]   (default 60 s per level, 64 tokens per request)

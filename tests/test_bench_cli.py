@@ -50,7 +50,7 @@ def saved_tokens(out: Path) -> dict:
 def test_bench_out_is_checked_before_the_model_loads(bench, tmp_path, monkeypatch):
     def no_load(args):
         raise AssertionError("the model must not load")
-    monkeypatch.setattr("ctcspec.cli._load", no_load)
+    monkeypatch.setattr("ctcspec.cli.common.load_from_args", no_load)
     (tmp_path / "file").write_text("x")
     for out, message in ((tmp_path / "file", "is a file, not a directory"),
                          (tmp_path / "file" / "sub", "cannot create the directory")):

@@ -14,7 +14,7 @@ def test_from_sequences_merges_shared_prefixes():
     assert tree.paths() == [(5,), (5, 6), (5, 6, 7), (5, 6, 8), (9,)]
 
 
-def test_deduplicated_merges_duplicate_siblings_and_their_subtrees():
+def test_truncated_merges_duplicate_siblings_and_their_subtrees():
     tree = TokenTree((5, 5, 6, 6, 7), (ROOT, ROOT, 0, 1, 3))
     dedup = tree.truncated()
     assert dedup.tokens == (5, 6, 7)

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 def drafter_dirs(paths: Sequence[str | Path] = (), model: torch.nn.Module | None = None) -> dict[str, Path]:
     """Trained drafter directories by kind: each of `paths` (its kind read from its config.json), then, for the kinds
-    not given, the drafters shipped in the package whose base is `model`'s weights (in any precision)."""
+    not given, the drafters shipped in the package whose base is `model`'s weights (in any precision; the LM head is
+    hashed only when the shapes already match)."""
     dirs: dict[str, Path] = {}
     for path in map(Path, paths):
         kind = drafter_kind(path)
@@ -44,14 +45,20 @@ def drafter_dirs(paths: Sequence[str | Path] = (), model: torch.nn.Module | None
     if model is None:
         return dirs
     shipped = {kind: shipped_drafter_dir(DEFAULT_MODEL, kind) for kind in KINDS if kind not in dirs}
-    shipped = {kind: path for kind, path in shipped.items() if path is not None}
+    shipped = {kind: path for kind, path in shipped.items()
+               if path is not None and _same_shapes(read_config(path)["base"], model)}
     ours = fingerprints(drafter_base(model)) if shipped else set()
     return {**dirs, **{kind: path for kind, path in shipped.items() if fingerprints(read_config(path)["base"]) & ours}}
 
 
+def _same_shapes(base: dict, model: torch.nn.Module) -> bool:
+    config = model.config
+    return (base.get("hidden_size"), base.get("vocab_size")) == (config.hidden_size, config.vocab_size)
+
+
 def default_drafter(dirs: dict[str, Path], paths: Sequence[str | Path] = ()) -> str:
-    """The default drafter: ctc+lookup with a CTC drafter (the fastest on both benchmarks here: docs/results.md), else
-    the kind of the first of `paths`, else lookup."""
+    """The default drafter: ctc+lookup with a CTC drafter (the fastest of the drafters on both benchmarks in
+    docs/results.md), else the kind of the first of `paths`, else lookup."""
     if "ctc" in dirs:
         return "ctc+lookup"
     return drafter_kind(Path(paths[0])) if paths else "lookup"
@@ -85,21 +92,22 @@ def build_drafter(name: str, backend: Backend, dirs: dict[str, Path], tree_budge
         raise CtcspecError(f"the {name} drafter needs a trained {kind} drafter: pass --drafter-path DIR "
                            f"(train one with ctcspec distill + ctcspec train --kind {kind})")
     drafter = make_drafter(name, backend.model, dirs.get(kind), transform=transform)
-    if kind is not None and (policy := budget_policy(drafter, backend, tree_budget, adaptive)):
+    policy = budget_policy(drafter, backend, tree_budget, adaptive) if kind is not None else None
+    if policy is not None:  # every trained drafter (MODULE_KIND) is a BudgetedDrafter
         drafter.budget = policy  # the one place a drafter's budget is set after it is made
     return drafter
 
 
 def build_engine(model: torch.nn.Module, drafter: str | Drafter | None = None, *, backend: Backend | str = "auto",
-                 drafter_paths: Sequence[str | Path] = (), tree_budget: int | None = None, adaptive: bool = False,
-                 transform: str = "beam") -> SpeculativeEngine:
+                 drafter_paths: Sequence[str | Path] = (), shipped: bool = True, tree_budget: int | None = None,
+                 adaptive: bool = False, transform: str = "beam") -> SpeculativeEngine:
     """A speculative engine on `model`: `drafter` by name (None: `default_drafter`; trained ones from
-    `drafter_paths`, else those shipped for this model), its budget settled for this machine, or a `Drafter` you
-    built, used as it is; `backend` by name (backends.make_backend) or built."""
+    `drafter_paths`, else, with `shipped`, those the package ships for this model's weights), its budget settled for
+    this machine, or a `Drafter` you built, used as it is; `backend` by name (backends.make_backend) or built."""
     if isinstance(backend, str):
         backend = make_backend(model, backend)
     if not isinstance(drafter, Drafter):
-        dirs = drafter_dirs(drafter_paths, model)
+        dirs = drafter_dirs(drafter_paths, model if shipped else None)
         drafter = build_drafter(drafter or default_drafter(dirs, drafter_paths), backend, dirs, tree_budget, adaptive,
                                 transform)
     return SpeculativeEngine(model, drafter, backend=backend)

@@ -129,7 +129,8 @@ class PricedBudget(BudgetPolicy):
         budget = self.choose(self._kept, self._expected, other_nodes, other_accept)
         self._idle_steps = 0 if budget else self._idle_steps + 1
         if not budget and self._idle_steps % self.probe_every == 0:
-            budget = self.probe or self.plan.best(self.plan.scale(self._kept, self._expected, self.prior_steps))
+            scale = self.plan.scale(self._kept, self._expected, self.prior_steps)
+            budget = self.probe if self.probe is not None else self.plan.best(scale)
         self._last = budget
         return budget
 

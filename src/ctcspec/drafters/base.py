@@ -65,7 +65,7 @@ class BudgetedDrafter(Drafter):
 
     @abstractmethod
     def draft(self, request: DraftRequest, tree_budget: int) -> TokenTree:
-        """`propose`, with at most `tree_budget` draft nodes (0: none; the drafter still takes in the new states)."""
+        """`propose`, with at most `tree_budget` draft nodes of its own (0: none; it still takes in the new states)."""
 
     def settings(self) -> dict:
         return self.budget.settings()
