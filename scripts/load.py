@@ -28,7 +28,11 @@ silent retry.
 
 Output: a markdown table (times in seconds), one row per level, under a header line naming the model (from
 /v1/models unless --model is given), max tokens, duration and server URL. --json OUT also writes the rows and the
-settings. Exit status: 0 when no request failed, 1 otherwise, 2 when the server cannot be reached.
+settings, and every prompt's answer: the table's "answers" column is "same" when every request for a prompt got the
+same text (greedy: whatever else the server was running), else how many prompts got several. --same-as OTHER.json
+also compares each prompt's answer with the one OTHER (an earlier run's --json) recorded, e.g. of a one-at-a-time
+server. Exit status: 0 when no request failed and every prompt got one answer (the --same-as one), 1 otherwise, 2
+when the server cannot be reached.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class RequestResult:
     latency: float | None = None
     completion_tokens: int = 0
     steps: int | None = None   # base-model forwards, from ctcspec's figures in the usage chunk (other servers: None)
+    prompt: str = ""
+    text: str = ""
     error_kind: str | None = None
     error_message: str | None = None
 
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, dest="json_out", help="write rows and settings here")
     parser.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    parser.add_argument("--same-as", type=Path, default=None,
+                        help="an earlier run's --json: every prompt's answer must equal the one it recorded")
     args = parser.parse_args(argv)
     try:
         args.client_levels = [int(n) for n in args.clients.split(",") if n.strip()]
@@ -110,7 +118,7 @@ def describe_error(exc: Exception) -> tuple[str, str]:
 async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> RequestResult:
     start = time.perf_counter()
     ttft = None
-    usage, figures = None, {}
+    usage, figures, text = None, {}, []
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -121,8 +129,9 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
             stream_options={"include_usage": True},
         )
         async for chunk in stream:
-            if ttft is None and chunk.choices and chunk.choices[0].delta.content:
-                ttft = time.perf_counter() - start
+            if chunk.choices and chunk.choices[0].delta.content:
+                ttft = ttft or time.perf_counter() - start
+                text.append(chunk.choices[0].delta.content)
             if chunk.usage is not None:
                 usage = chunk.usage
                 figures = (chunk.model_extra or {}).get("ctcspec") or {}
@@ -133,7 +142,7 @@ async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: 
     if usage is None:
         return RequestResult(ok=False, error_kind="MissingUsage", error_message="stream ended without a usage chunk")
     return RequestResult(ok=True, ttft=ttft, latency=latency, completion_tokens=usage.completion_tokens,
-                         steps=figures.get("steps"))
+                         steps=figures.get("steps"), prompt=prompt, text="".join(text))
 
 
 async def client_loop(client: AsyncOpenAI, model: str, prompts: list[str], offset: int, max_tokens: int,
@@ -165,6 +174,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def answers_of(results: list[RequestResult]) -> dict[str, set[str]]:
+    """Every text each prompt got."""
+    answers: dict[str, set[str]] = {}
+    for result in results:
+        if result.ok:
+            answers.setdefault(result.prompt, set()).add(result.text)
+    return answers
+
+
 def summarize(n_clients: int, results: list[RequestResult], elapsed: float) -> dict:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -183,6 +201,7 @@ def summarize(n_clients: int, results: list[RequestResult], elapsed: float) -> d
         "latency_p95": percentile(latencies, 95),
         "errors": len(results) - len(ok),
         "beta": beta,
+        "prompts_with_several_answers": sum(len(texts) > 1 for texts in answers_of(results).values()),
         "completion_tokens": tokens,
         "wall_s": elapsed,
     }
@@ -203,15 +222,16 @@ def fmt(value: float | None) -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| clients | requests | requests/s | output tok/s | β | TTFT p50 | TTFT p95 | latency p50 | latency p95 "
-        "| errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| errors | answers |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['clients']} | {row['requests']} | {row['requests_per_s']:.2f} | {row['output_tok_per_s']:.1f} "
             f"| {'-' if row['beta'] is None else format(row['beta'], '.2f')} "
             f"| {fmt(row['ttft_p50'])} | {fmt(row['ttft_p95'])} | {fmt(row['latency_p50'])} "
-            f"| {fmt(row['latency_p95'])} | {row['errors']} |"
+            f"| {fmt(row['latency_p95'])} | {row['errors']} "
+            f"| {row['prompts_with_several_answers'] or 'same'} |"
         )
     return "\n".join(lines)
 
@@ -239,20 +259,34 @@ async def run(args: argparse.Namespace, prompts: list[str]) -> int:
         return 2
     print(f"model: {model} | max tokens: {args.max_tokens} | duration: {args.duration:g} s per level "
           f"| server: {args.base_url}\n")
-    rows = []
+    rows, everything = [], []
     seen_errors: set[str] = set()
     for n_clients in args.client_levels:
         results, elapsed = await run_level(client, model, prompts, n_clients, args.duration, args.max_tokens)
         report_new_errors(results, seen_errors)
         rows.append(summarize(n_clients, results, elapsed))
+        everything.extend(results)
     await client.close()
     print(markdown_table(rows))
+    answers = answers_of(everything)
+    several = sorted(prompt for prompt, texts in answers.items() if len(texts) > 1)
+    differ = compare_answers(answers, args.same_as) if args.same_as else 0
+    print(f"\nanswers: {len(answers)} prompts, {len(several)} with several answers"
+          + (f", {differ} differing from {args.same_as}" if args.same_as else ""))
     if args.json_out is not None:
         settings = {"base_url": args.base_url, "model": model, "max_tokens": args.max_tokens,
                     "duration_s": args.duration, "clients": args.client_levels, "n_prompts": len(prompts),
                     "prompts_file": str(args.prompts) if args.prompts else None}
-        args.json_out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    return 0 if all(row["errors"] == 0 for row in rows) else 1
+        record = {"settings": settings, "rows": rows, "answers": {p: sorted(t) for p, t in answers.items()},
+                  **({"differing_from": str(args.same_as), "differing": differ} if args.same_as else {})}
+        args.json_out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if all(row["errors"] == 0 for row in rows) and not several and not differ else 1
+
+
+def compare_answers(answers: dict[str, set[str]], other: Path) -> int:
+    """Prompts whose answer is not the one run `other` recorded (prompts it did not run are not counted)."""
+    recorded = json.loads(other.read_text())["answers"]
+    return sum(texts != set(recorded[prompt]) for prompt, texts in answers.items() if prompt in recorded)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,21 @@ def test_distill_train_generate_end_to_end(capsys, tmp_path, tiny_model_dir):
     assert code == 2 and "--tree-budget" in err
 
 
+def test_distill_on_the_batched_engine_equals_hf_generate(capsys, tmp_path, tiny_model_dir):
+    """--engine ctcspec (batch.py, prompt lookup, continuous batching) answers as HF generate's batches do."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"w{i} w{i + 1} w{i + 2} w{i}" * (1 + i % 3) for i in range(3, 15)) + "\n")
+    answers = {}
+    for engine in ("hf", "ctcspec"):
+        code, out, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--prompts", prompts, "--engine",
+                                 engine, "--max-new-tokens", 20, "--batch-size", 5, "--out", tmp_path / engine,
+                                 *(["--check-float32", 4] if engine == "ctcspec" else []))
+        assert code == 0, err
+        answers[engine] = {s["index"]: s["ids"] for s in read_samples(tmp_path / engine)}
+    assert answers["ctcspec"] == answers["hf"] and len(answers["hf"]) == 12
+    assert json.loads(out.splitlines()[-1])["float32_check"]["identical"] == 1.0
+
+
 def test_distill_and_train_user_errors(capsys, tmp_path, tiny_model_dir):
     code, _, err = run_cli(capsys, "distill", "--model", tiny_model_dir, "--out", tmp_path / "d")
     assert code == 2 and "--prompts" in err

@@ -23,9 +23,12 @@ PROMPTS = ["w5 w6 w7 w5 w6 w7 w5 w6", "w10 w11 w12", "w40 w41 w40 w41 w40"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "log", "--max-queue", "32") as server:
+@pytest.fixture(scope="module", params=["1", "4"], ids=["one-at-a-time", "max-batch-4"])
+def server(request, tiny_model_dir, tmp_path_factory):
+    """The server one request at a time, and with continuous batching: every test holds for both."""
+    log = tmp_path_factory.mktemp("server") / "log"
+    with running_server(tiny_model_dir, log, "--max-queue", "32", "--max-batch", request.param) as server:
+        server.max_batch = int(request.param)
         yield server
 
 
@@ -268,7 +271,8 @@ def test_sixteen_concurrent_streams_some_disconnecting(server, client, oracle, t
     free the engine at its next step; nothing is lost and the server stays healthy."""
     model, stay, leave = str(tiny_model_dir), 24, 250
     prompts = [f"w{3 + i} w{20 + i} w{3 + i} w{20 + i}" for i in range(16)]
-    before = _metric(requests.get(server.url + "/metrics", timeout=10).text, "ctcspec_generation_tokens_total")
+    metrics_before = requests.get(server.url + "/metrics", timeout=10).text
+    before = _metric(metrics_before, "ctcspec_generation_tokens_total")
     started = threading.Barrier(16)
 
     def run(i: int):
@@ -299,6 +303,14 @@ def test_sixteen_concurrent_streams_some_disconnecting(server, client, oracle, t
     metrics = _idle_metrics(server)  # the engine finishes the last step of the last client that left
     generated = _metric(metrics, "ctcspec_generation_tokens_total") - before
     assert generated - completed * stay < 4 * leave / 2, "clients that left kept the engine busy"
+    def grown(name: str) -> float:
+        return _metric(metrics, name) - _metric(metrics_before, name)
+    forwards = grown("ctcspec_batch_sequences_count")
+    if server.max_batch > 1:  # sixteen clients at once keep every row busy most of the time
+        assert grown("ctcspec_batch_sequences_sum") / forwards > 0.75 * server.max_batch
+        assert grown("ctcspec_batch_nodes_sum") >= grown("ctcspec_batch_sequences_sum")
+    else:
+        assert forwards == 0
     assert requests.get(server.url + "/health", timeout=10).json() == {"status": "ok"}
     after = client.chat.completions.create(model=model, max_tokens=stay,
                                            messages=[{"role": "user", "content": prompts[0]}])
@@ -324,10 +336,11 @@ def test_a_client_that_gives_up_on_a_plain_answer_frees_the_engine(server):
     assert generated < 300, "the engine finished an answer nobody was waiting for"
 
 
-def test_full_queue_is_429_and_sigterm_drains(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("max_batch", ["1", "4"])
+def test_full_queue_is_429_and_sigterm_drains(tiny_model_dir, tmp_path, max_batch):
     """With --max-queue 1, a second request while one runs gets 429; SIGTERM lets the running stream finish,
     then the server exits cleanly."""
-    server = start_server(tiny_model_dir, tmp_path / "log", "--max-queue", "1")
+    server = start_server(tiny_model_dir, tmp_path / "log", "--max-queue", "1", "--max-batch", max_batch)
     try:
         body = {"messages": USER, "stream": True, "max_tokens": 300}
         with post(server, CHAT, body, stream=True) as response:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import hf_greedy
-from ctcspec.assembly import build_drafter, drafter_dirs
+from ctcspec.assembly import build_batch_engine, build_drafter, drafter_dirs
 from ctcspec.backends import make_backend
 from ctcspec.budget import COST_SIZES, budget_plan, cost_cache_path
 from ctcspec.decoding import eos_ids
@@ -73,6 +73,17 @@ def test_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
             assert got.tokens == expected, f"{drafter.name}: {text}"
             stops.add(got.stats.stop_reason)
     assert stops == {"eos", "max_new_tokens"}  # both ways of ending are exercised
+
+
+@pytest.mark.parametrize("kernels", ["plain", pytest.param("native-packed", marks=NATIVE)])
+def test_batched_identical_to_hf_generate_on_smollm2(smollm2, hf_answers, kernels):
+    """Every drafter, its budget priced for batches, five prompts through batches of three (joins and leaves)."""
+    model = smollm2.model if kernels == "plain" else load_model(kernels=kernels).model
+    for name in DRAFTERS:
+        engine = build_batch_engine(model, name, max_batch=3)
+        results = engine.generate([prompt for prompt, _ in hf_answers], 96)
+        for result, (_, expected), text in zip(results, hf_answers, PROMPTS, strict=True):
+            assert result.tokens == expected, f"{name}: {text}"
 
 
 def test_chat_template_and_weights_load(smollm2):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from ctcspec.backends import Backend
+from ctcspec.batch_cache import BatchCache, BatchRunner
 from ctcspec.drafters.base import BudgetedDrafter, DraftRequest
 from ctcspec.home import ctcspec_home, write_cache_json
 from ctcspec.native_linear import cpu_description, source_digest
@@ -28,6 +29,7 @@ from ctcspec.verify import prefill, verify_tree
 log = logging.getLogger(__name__)
 
 COST_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+BATCH_WIDTHS = (1, 2, 4, 8, 16, 32)  # nodes per row (root included) of the batched cost curves
 
 
 @torch.inference_mode()
@@ -54,12 +56,39 @@ def verify_cost_curve(backend: Backend, sizes: list[int], context: int = 256, re
     return {q: statistics.median(ts[1:]) for q, ts in timings.items()}
 
 
-def cost_cache_path(backend: Backend, sizes: tuple[int, ...]):
+@torch.inference_mode()
+def batch_cost_curve(runner: BatchRunner, batches: list[int], widths: list[int], context: int = 256,
+                     repeats: int = 3, seed: int = 0) -> dict[int, dict[int, float]]:
+    """Median seconds of one batched verification forward (`runner.forward`) over `batch` rows of `width` nodes each
+    (root included), after a `context`-token sequence per row: {batch: {width: seconds}}. Interleaved round by round,
+    as `verify_cost_curve`."""
+    gen = torch.Generator().manual_seed(seed)
+    model = runner.model
+    vocab = model.config.vocab_size
+    caches = {}
+    for batch in batches:
+        caches[batch] = cache = BatchCache.empty(model, batch, context + max(widths))
+        prompts = torch.randint(0, vocab, (batch, context - 1), generator=gen).tolist()
+        runner.forward(cache, prompts, [list(range(-1, context - 2))] * batch, last_only=True)
+        cache.keep([list(range(context - 1))] * batch)
+    timings: dict[tuple[int, int], list[float]] = {(b, w): [] for b in batches for w in widths}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for batch, width in timings:
+            nodes = [torch.randperm(vocab, generator=gen)[:width].tolist() for _ in range(batch)]
+            start = time.perf_counter()
+            runner.forward(caches[batch], nodes, [[-1] + [0] * (width - 1)] * batch)
+            timings[batch, width].append(time.perf_counter() - start)
+            caches[batch].keep([[]] * batch)
+    return {b: {w: statistics.median(timings[b, w][1:]) for w in widths} for b in batches}
+
+
+def cost_cache_path(backend: Backend | BatchRunner, sizes: tuple[int, ...], batches: tuple[int, ...] = ()):
     model = backend.model
     key = json.dumps({"config": model.config.to_json_string(), "device": str(model.device),
                       "dtype": str(model.dtype), **backend.describe(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_description(),
-                      "native_source": source_digest(), "sizes": list(sizes)}, sort_keys=True)
+                      "native_source": source_digest(), "sizes": list(sizes),
+                      **({"batches": list(batches)} if batches else {})}, sort_keys=True)
     return ctcspec_home() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -75,6 +104,35 @@ def machine_cost_curve(backend: Backend, sizes: tuple[int, ...] = COST_SIZES) ->
     curve = verify_cost_curve(backend, list(sizes))
     write_cache_json(path, curve)
     return curve
+
+
+MAX_MEASURED_BATCH = 16  # wider batches are priced by extrapolating (pricing.batch_share) from the two widest
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes whose costs are measured for batches of up to `max_batch`: 1, 2, 4, ... up to it and past,
+    at most MAX_MEASURED_BATCH (the measurement keeps a cache per size; a distill batch of 96 would need gigabytes)."""
+    sizes = [1, 2]
+    while sizes[-1] < min(max_batch, MAX_MEASURED_BATCH):
+        sizes.append(2 * sizes[-1])
+    return tuple(sizes)
+
+
+def machine_batch_cost(model: torch.nn.Module, max_batch: int, backend: str = "auto") -> dict[int, dict[int, float]]:
+    """`batch_cost_curve` for batches of up to `max_batch` on this machine, with `backend`'s forward (as
+    `machine_cost_curve`: measured once, some seconds, then read from $CTCSPEC_HOME/costs)."""
+    batches = batch_sizes(max_batch)
+    runner = BatchRunner(model, backend)
+    path = cost_cache_path(runner, BATCH_WIDTHS, batches)
+    try:
+        saved = json.loads(path.read_text())
+        return {int(b): {int(w): float(s) for w, s in curve.items()} for b, curve in saved.items()}
+    except (OSError, ValueError, AttributeError):
+        pass
+    log.info("measuring this machine's batched verification cost once (some seconds)")
+    curves = batch_cost_curve(runner, list(batches), list(BATCH_WIDTHS))
+    write_cache_json(path, curves)
+    return curves
 
 
 def drafting_cost_curve(drafter: BudgetedDrafter, model: torch.nn.Module, budgets, context: int = 256,
@@ -100,10 +158,13 @@ def drafting_cost_curve(drafter: BudgetedDrafter, model: torch.nn.Module, budget
     return seconds
 
 
-def budget_plan(drafter: BudgetedDrafter, backend: Backend) -> BudgetPlan | None:
-    """Measure (or read the cached) costs a budget choice needs; None for drafters without an acceptance curve."""
+def budget_plan(drafter: BudgetedDrafter, backend: Backend,
+                batch_cost: dict[int, dict[int, float]] | None = None) -> BudgetPlan | None:
+    """Measure (or read the cached) costs a budget choice needs; None for drafters without an acceptance curve.
+    With `batch_cost` (machine_batch_cost), the plan is for batches (batch.py), priced on batched forwards."""
     if not drafter.acceptance_curve:
         return None
     budgets = sorted(drafter.acceptance_curve)
-    return BudgetPlan(dict(drafter.acceptance_curve), machine_cost_curve(backend),
-                      drafting_cost_curve(drafter, backend.model, budgets))
+    batch_cost = batch_cost or {}
+    return BudgetPlan(dict(drafter.acceptance_curve), batch_cost.get(1) or machine_cost_curve(backend),
+                      drafting_cost_curve(drafter, backend.model, budgets), batch_cost)

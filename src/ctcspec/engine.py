@@ -96,6 +96,27 @@ def check_tree_tokens(tree: TokenTree, vocab_size: int, drafter_name: str) -> No
                            f"vocabulary (0..{vocab_size - 1})")
 
 
+def check_drafter(model: torch.nn.Module, drafter: Drafter) -> None:
+    """Refuse, by name, a drafter that could not run losslessly on this model: trees in a precision that rounds their
+    rows differently, or base layers the model does not have."""
+    if drafter.drafts and (problem := tree_precision_problem(model)):
+        raise CtcspecError(f"the {drafter.name} drafter cannot run losslessly here: {problem}")
+    layers = int(getattr(model.config, "num_hidden_layers", 0))
+    if drafter.needs_hidden_states and any(not 0 <= i < layers for i in drafter.feature_layers):
+        raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)}; this "
+                           f"model has layers 0 .. {layers - 1} beside its last")
+
+
+def model_context(model: torch.nn.Module) -> int:
+    """The tokens the model's positions cover (its config's max_position_embeddings)."""
+    return int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output embedding: the ids a draft token may take."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 class SpeculativeEngine:
     """Speculative decoding of one sequence with any `Drafter`, on any `Backend` (default: the best one for
     `model`, see backends.make_backend)."""
@@ -104,12 +125,7 @@ class SpeculativeEngine:
                  max_tree_budget: int = 64, backend: Backend | None = None):
         if backend is not None and backend.model is not model:
             raise CtcspecError("the backend runs another model than the one given to the engine")
-        if drafter.drafts and (problem := tree_precision_problem(model)):
-            raise CtcspecError(f"the {drafter.name} drafter cannot run losslessly here: {problem}")
-        layers = int(getattr(model.config, "num_hidden_layers", 0))
-        if drafter.needs_hidden_states and any(not 0 <= i < layers for i in drafter.feature_layers):
-            raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)}; this "
-                               f"model has layers 0 .. {layers - 1} beside its last")
+        check_drafter(model, drafter)
         self.backend = backend or make_backend(model)
         if drafter.needs_hidden_states and drafter.feature_layers and not self.backend.earlier_layers:
             raise CtcspecError(f"the {drafter.name} drafter reads base layers {list(drafter.feature_layers)} beside "
@@ -117,9 +133,13 @@ class SpeculativeEngine:
                                "static or hf")
         self.model = model
         self.drafter = drafter
-        self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.max_context = max_context or model_context(model)
         self.max_tree_budget = max_tree_budget
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = vocab_size(model)
+
+    def context_limit_of(self) -> tuple[int, str]:
+        """Tokens a sequence may hold (prompt and generation), and what limits it."""
+        return self.backend.context_limit(self.max_context)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
                  on_tokens: Callable[[list[int]], None] | None = None, decoding: Decoding | None = None,
@@ -138,7 +158,7 @@ class SpeculativeEngine:
         if max_new_tokens <= 0:
             stats.stop_reason = "max_new_tokens"
             return result
-        max_context, limit = self.backend.context_limit(self.max_context)
+        max_context, limit = self.context_limit_of()
         if len(prompt) >= max_context:
             raise CtcspecError(f"the prompt has {len(prompt)} tokens; {limit}, leaving no room to generate")
         start = time.perf_counter()  # preparing the settings counts, as in HF generate's own time
@@ -154,7 +174,7 @@ class SpeculativeEngine:
         stats.steps = 1
         stats.prefill_s = time.perf_counter() - start
         tokens = torch.tensor(prompt + new)
-        stop = self._emit(result, tokens, new, decoding, token_limit, on_tokens)
+        stop = emit_tokens(result, tokens, new, decoding, token_limit, on_tokens)
         new_hidden, accepted = first.hidden, 0
 
         while not stop:
@@ -170,7 +190,7 @@ class SpeculativeEngine:
             t3 = time.perf_counter()
             new_hidden, accepted = step.hidden, len(step.path) - 1
             tokens = torch.cat([tokens, torch.tensor(step.tokens)])
-            stop = self._emit(result, tokens, step.tokens, decoding, token_limit, on_tokens)
+            stop = emit_tokens(result, tokens, step.tokens, decoding, token_limit, on_tokens)
             t4 = time.perf_counter()
             stats.steps += 1
             stats.drafted_nodes += len(tree)
@@ -182,32 +202,32 @@ class SpeculativeEngine:
         stats.total_s = time.perf_counter() - start
         return result
 
-    @staticmethod
-    def _emit(result: GenerationResult, sequence: torch.Tensor, new: list[int], decoding: Decoding, token_limit: int,
-              on_tokens: Callable[[list[int]], None] | None) -> bool:
-        """Append a step's tokens `new` (the end of `sequence`), cut after the first that ends generation: EOS,
-        max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it without
-        output_scores, no scores). True when it ended."""
-        stats = result.stats
-        ids = sequence[None].to(decoding.device) if decoding.stopping else None
-        keep = 0
-        for i, token in enumerate(new):
-            keep = i + 1
-            end = len(sequence) - len(new) + keep
-            if token in decoding.eos:
-                stats.stop_reason = "eos"
-            elif len(result.tokens) + keep >= token_limit:
-                stats.stop_reason = "max_new_tokens"
-            elif decoding.stopping and bool(decoding.stopping(ids[:, :end], None).any()):
-                stats.stop_reason = "stopping_criteria"
-            if stats.stop_reason:
-                break
-        new = new[:keep]
-        result.tokens.extend(new)
-        stats.new_tokens = len(result.tokens)
-        if on_tokens and new:
-            on_tokens(new)
-        return bool(stats.stop_reason)
+
+def emit_tokens(result: GenerationResult, sequence: torch.Tensor, new: list[int], decoding: Decoding, token_limit: int,
+                on_tokens: Callable[[list[int]], None] | None) -> bool:
+    """Append a step's tokens `new` (the end of `sequence`), cut after the first that ends generation: EOS,
+    max_new_tokens, or a stopping criterion (called with that token's prefix and, as generate calls it without
+    output_scores, no scores). True when it ended."""
+    stats = result.stats
+    ids = sequence[None].to(decoding.device) if decoding.stopping else None
+    keep = 0
+    for i, token in enumerate(new):
+        keep = i + 1
+        end = len(sequence) - len(new) + keep
+        if token in decoding.eos:
+            stats.stop_reason = "eos"
+        elif len(result.tokens) + keep >= token_limit:
+            stats.stop_reason = "max_new_tokens"
+        elif decoding.stopping and bool(decoding.stopping(ids[:, :end], None).any()):
+            stats.stop_reason = "stopping_criteria"
+        if stats.stop_reason:
+            break
+    new = new[:keep]
+    result.tokens.extend(new)
+    stats.new_tokens = len(result.tokens)
+    if on_tokens and new:
+        on_tokens(new)
+    return bool(stats.stop_reason)
 
 
-__all__ = ["GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree"]
+__all__ = ["GenerationResult", "GenerationStats", "SpeculativeEngine", "TokenTree", "check_drafter", "emit_tokens"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ctcspec.errors import CtcspecError
+import json
+from pathlib import Path
+
+from ctcspec.errors import CtcspecError, read_text_file
 
 
 def require_prompt(text: str) -> str:
@@ -25,3 +28,28 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
                            "prompt (generate without --chat, or /v1/completions)")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The prompts of a file: one per non-empty line, or, for a .jsonl file, one JSON object with a "prompt" string
+    per non-empty line. A line that is not one is a CtcspecError naming it."""
+    text = read_text_file(path, "prompts file")
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if Path(path).suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CtcspecError(f"prompts file {str(path)!r} line {number}: not JSON ({exc.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise CtcspecError(f"prompts file {str(path)!r} line {number}: expected an object with a non-empty "
+                               '"prompt" string')
+        prompts.append(prompt)
+    if not prompts:
+        raise CtcspecError(f"prompts file {str(path)!r} has no prompts")
+    return prompts

@@ -52,6 +52,13 @@ class StaticCache:
         self.capacity = self.keys[0].shape[2]
 
 
+def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(nodes, ...) in row-major order of `real`'s True entries -> (rows, q, ...), zero where `real` is False."""
+    out = packed.new_zeros(*real.shape, *packed.shape[1:])
+    out[real] = packed
+    return out
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -72,6 +79,7 @@ class StaticBackend(Backend):
         self.layers = list(self.decoder.layers)
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
+        self.heads = model.config.num_attention_heads
         self.kv_heads = model.config.num_key_value_heads
 
     def new_cache(self, capacity: int) -> StaticCache:
@@ -97,36 +105,59 @@ class StaticBackend(Backend):
         """Backend.forward; len(tokens) == len(parents). A causal mask (no tree mask) is used only for a chain
         into an empty cache, where queries and keys line up one to one."""
         past, q = cache.length, len(tokens)
-        end = past + q
-        self._reserve(cache, end)
+        self._reserve(cache, past + q)
         device = self.model.device
         ids = torch.tensor([tokens], device=device)
         positions = torch.tensor([[past + d for d in node_depths(parents)]], device=device)
-        x = self.decoder.embed_tokens(ids)
-        cos, sin = self.decoder.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         mask, causal = self._mask(parents, past)
-        earlier = {}  # states after i layers, for hidden_layers
-        for i, (layer, keys, values) in enumerate(zip(self.layers, cache.keys, cache.values, strict=True)):
-            if hidden_layers and i in hidden_layers:
-                earlier[i] = x
-            attention = layer.self_attn
-            h = layer.input_layernorm(x)
-            query = attention.q_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
-            key = attention.k_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
-            keys[:, :, past:end] = key * cos + rotate_half(key) * sin
-            values[:, :, past:end] = attention.v_proj(h).view(1, q, -1, self.head_dim).transpose(1, 2)
-            query = query * cos + rotate_half(query) * sin
-            out = F.scaled_dot_product_attention(query, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                 is_causal=causal, scale=attention.scaling, enable_gqa=True)
-            x = x + attention.o_proj(out.transpose(1, 2).reshape(1, q, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.length = end
-        hidden = self.decoder.norm(x)
+        hidden, earlier = self.run_layers(ids, positions, cache.keys, cache.values, past, mask, causal, hidden_layers)
+        cache.length = past + q
         logits = self.model.lm_head(hidden)[0]
         if hidden_layers is None:
             return ForwardResult(logits, None)
         return ForwardResult(logits, torch.cat([hidden[0], *(earlier[i][0] for i in hidden_layers)], dim=-1))
+
+    def run_layers(self, ids: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
+                   values: list[torch.Tensor], past: int, mask: torch.Tensor | None, causal: bool = False,
+                   hidden_layers: HiddenLayers = None,
+                   real: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decoder over `ids` (rows, q) at `positions` (rows, q): each layer writes its keys and values to slots
+        past .. past + q of its buffers (rows, kv_heads, capacity, head_dim) and attends over slots 0 .. past + q
+        under `mask` (rows or 1, 1, q, past + q; additive). The final-norm states (rows, q, hidden), and the states
+        after i layers for i in `hidden_layers`.
+
+        `real` (rows, q) bool marks the nodes that are not padding (batches, batch_cache.py): then everything but the
+        attention runs on those nodes alone, packed, and the states come back packed, (nodes, hidden), in row-major
+        order; padding nodes get zero keys and values."""
+        q = ids.shape[1]
+        end = past + q
+        if real is not None:
+            ids, positions = ids[real][None], positions[real][None]
+        x = self.decoder.embed_tokens(ids)  # (1, nodes, hidden): one row, or the batch's real nodes packed
+        cos, sin = self.decoder.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        earlier = {}  # states after i layers, for hidden_layers
+        for i, (layer, layer_keys, layer_values) in enumerate(zip(self.layers, keys, values, strict=True)):
+            if hidden_layers and i in hidden_layers:
+                earlier[i] = x
+            attention = layer.self_attn
+            h = layer.input_layernorm(x)
+            query = attention.q_proj(h).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
+            key = attention.k_proj(h).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = attention.v_proj(h).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+            query = query * cos + rotate_half(query) * sin
+            key = key * cos + rotate_half(key) * sin
+            if real is not None:  # to the (rows, heads, q, head_dim) layout attention reads, padding zeroed
+                query, key, value = (unpack(t[0].transpose(0, 1), real).transpose(1, 2) for t in (query, key, value))
+            layer_keys[:, :, past:end] = key
+            layer_values[:, :, past:end] = value
+            out = F.scaled_dot_product_attention(query, layer_keys[:, :, :end], layer_values[:, :, :end],
+                                                 attn_mask=mask, is_causal=causal, scale=attention.scaling,
+                                                 enable_gqa=True).transpose(1, 2)
+            out = out.reshape(1, q, -1) if real is None else out[real].reshape(1, -1, self.heads * self.head_dim)
+            x = x + attention.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.decoder.norm(x), earlier
 
     @staticmethod
     def _reserve(cache: StaticCache, entries: int) -> None:

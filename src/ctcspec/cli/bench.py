@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from ctcspec.assembly import build_drafter
+from ctcspec.assembly import build_batch_engine, build_drafter
+from ctcspec.bench.batch import batch_table, run_engine_batch, run_hf_batch
 from ctcspec.bench.peers import (
     PEERS,
     VllmCtcPeer,
@@ -16,9 +19,9 @@ from ctcspec.bench.peers import (
 )
 from ctcspec.bench.questions import load_questions, resolve_bench, select_questions
 from ctcspec.bench.report import environment, peak_rss_mb, write_outputs
-from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners
+from ctcspec.bench.run import GREEDY, bench_questions, bench_systems, loglik_scorer, system_runners, turn_seed
 from ctcspec.bench.store import BenchStore
-from ctcspec.bench.summary import describe_settings, format_category_table, format_table, read_report, subset_report
+from ctcspec.bench.summary import HF, describe_settings, format_category_table, format_table, read_report, subset_report
 from ctcspec.cli.args import (
     add_decoding_args,
     add_drafter_args,
@@ -29,13 +32,21 @@ from ctcspec.cli.args import (
     peer_list,
     positive_int,
 )
-from ctcspec.cli.common import check_llama_cpp, cli_drafter_dirs, load_backend, uses_gguf
+from ctcspec.cli.common import (
+    base_in_llama_cpp,
+    check_llama_cpp,
+    cli_drafter_dirs,
+    load_backend,
+    load_from_args,
+    uses_gguf,
+)
 from ctcspec.decoding import decoding_for, eos_ids, settings_in_effect
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, check_drafter_name
 from ctcspec.errors import CtcspecError
 from ctcspec.models import DEFAULT_MODEL, LoadedModel
 from ctcspec.modules import KINDS
 from ctcspec.modules.files import drafter_kind, shipped_drafter_dir
+from ctcspec.prompts import encode_chat
 from ctcspec.vllm_drafter import CAUSAL_CTC_NAME, check_vllm_drafter
 
 
@@ -73,6 +84,10 @@ def add_bench_parser(sub) -> None:
                             "runs/bench); results already there are never overwritten")
     bench.add_argument("--resume", action="store_true",
                        help="continue the run saved in --out (same settings): skip the questions it finished")
+    bench.add_argument("--batch-size", type=positive_int, default=None,
+                       help="throughput of batches: every system decodes the questions' first turns, up to this many "
+                            "at a time (ctcspec drafters with continuous batching, HF generate left-padded); writes "
+                            "batch_report.md and batch_report.json to --out")
     add_decoding_args(bench)
 
 
@@ -170,6 +185,8 @@ def cmd_bench(args) -> int:
     dirs = cli_drafter_dirs(args)
     names = bench_drafter_names(args, dirs)  # before loading anything
     settings = generation_settings(args)
+    if args.batch_size is not None:
+        return bench_batch(args, names, dirs, settings)
     if args.peers and settings != GREEDY:
         raise CtcspecError("--peers: the peers decode greedily only, without sampling or logits processors; "
                            "drop --peers or the decoding flags")
@@ -212,6 +229,51 @@ def cmd_bench(args) -> int:
         for peer in peers.values():
             peer.close()
     write_bench_outputs(store, meta)
+    return 0
+
+
+def bench_batch(args, names: list[str], dirs: dict[str, Path], settings: dict) -> int:
+    """`bench --batch-size B` (bench/batch.py): the systems one after another on the same first turns."""
+    for flag, given in (("--peers", args.peers), ("--resume", args.resume),
+                        ("--backend llama.cpp", base_in_llama_cpp(args))):
+        if given:
+            raise CtcspecError(f"--batch-size: {flag} is not supported with batches")
+    report_paths = [args.out / "batch_report.json", args.out / "batch_report.md"]
+    if any(path.exists() for path in report_paths):
+        raise CtcspecError(f"--out {str(args.out)!r} already holds a batch report; give another --out")
+    questions = select_questions(load_questions(resolve_bench(args.questions, args.data_dir)), args.per_category,
+                                 args.limit)
+    loaded = load_from_args(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in questions]
+    seed = bench_seed(args)
+    seeds = [turn_seed(seed, q.question_id, 0) for q in questions]
+    engines = {name: build_batch_engine(model, name, max_batch=args.batch_size, backend=args.backend,
+                                        drafter_paths=list(dirs.values()), shipped=False, tree_budget=args.tree_budget,
+                                        adaptive=args.adaptive_budget, transform=args.transform) for name in names}
+    warm = [encode_chat(tokenizer, [{"role": "user", "content": "Say hello."}])]
+    runs = []
+    for name, engine in tqdm(engines.items(), desc="bench batches", unit="system"):
+        run_engine_batch(name, engine, warm, 8, settings, [seed])  # first calls pay one-off costs
+        runs.append(run_engine_batch(name, engine, prompts, args.max_new_tokens, settings, seeds))
+    if not args.no_hf:
+        run_hf_batch(model, warm, 8, 1, settings, seed)
+        runs.append(run_hf_batch(model, prompts, args.max_new_tokens, args.batch_size, settings, seed))
+    reference = runs[0] if runs[0].system == "vanilla" and not settings.get("do_sample") else None
+    hf = next((run for run in runs if run.system == HF), None)
+    rows = [run.row(reference, hf) for run in runs]
+    meta = {"model": str(loaded.path), "bench": args.questions, "prompts": len(prompts), "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens, "command": "ctcspec " + " ".join(sys.argv[1:]),
+            "settings_in_effect": settings_in_effect(model, settings), "seed": seed, **environment(),
+            "drafter_settings": {name: engine.drafter.settings() for name, engine in engines.items()}}
+    table = batch_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report_paths[0].write_text(json.dumps({"meta": meta, "rows": rows,
+                                           "outputs": {run.system: run.outputs for run in runs}}, indent=1))
+    report_paths[1].write_text(f"# Batches of {args.batch_size}: {len(prompts)} prompts of {args.questions}\n\n"
+                               f"`{meta['command']}` ({meta['cpu_model']}, {meta['threads']} threads)\n\n{table}\n")
+    print(table)
+    print(f"report: {report_paths[1]} (and batch_report.json)", file=sys.stderr)
     return 0
 
 

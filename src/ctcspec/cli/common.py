@@ -1,4 +1,5 @@
-"""Loading what a command runs on: the model and backend from the options, and the engine (assembly.build_engine)."""
+"""Loading what a command runs on: the model and backend from the options, and the engine (assembly.build_engine, or
+assembly.build_batch_engine for batches)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ctcspec.assembly import build_engine, default_drafter, drafter_dirs
+from ctcspec.assembly import build_batch_engine, build_engine, default_drafter, drafter_dirs
 from ctcspec.backends import Backend, LlamaCppBackend, make_backend
 from ctcspec.backends.llamacpp import LOSSLESS_PRECISIONS
+from ctcspec.batch import BatchEngine
 from ctcspec.bench.peers import (
     LLAMA_CPP_PEERS,
     import_llama_speculative,
@@ -100,6 +102,20 @@ def engine_from_args(args) -> tuple[LoadedModel, SpeculativeEngine]:
     loaded, backend = load_backend(args)
     return loaded, build_engine(loaded.model, name, backend=backend, drafter_paths=list(dirs.values()), shipped=False,
                                 tree_budget=args.tree_budget, adaptive=args.adaptive_budget, transform=args.transform)
+
+
+def batch_engine_from_args(args, max_batch: int) -> tuple[LoadedModel, BatchEngine]:
+    """The model and a batched engine (assembly.build_batch_engine) for up to `max_batch` sequences on --backend
+    (auto, static or hf), with --drafter and its budget options as engine_from_args takes them."""
+    if base_in_llama_cpp(args):
+        raise CtcspecError("--backend llama.cpp runs one sequence at a time; batches run on the static or hf "
+                           "backend (leave --backend out)")
+    dirs = cli_drafter_dirs(args)
+    name = check_drafter_name(args.drafter or default_drafter(dirs, args.drafter_path))
+    loaded = load_from_args(args)
+    return loaded, build_batch_engine(loaded.model, name, max_batch=max_batch, backend=args.backend,
+                                      drafter_paths=list(dirs.values()), shipped=False, tree_budget=args.tree_budget,
+                                      adaptive=args.adaptive_budget, transform=args.transform)
 
 
 def llama_cpp_peers(args) -> bool:

@@ -23,6 +23,7 @@ from ctcspec.training.data import check_data_base
 from ctcspec.training.distill import (
     DISTILL_ENGINES,
     STYLED_COUNT,
+    ctcspec_answers,
     distill,
     float32_agreement,
     read_prompt_file,
@@ -75,13 +76,15 @@ def add_distill_parser(sub) -> None:
                          help="start no new batch after this many seconds from the command's start (what is "
                               "answered is kept; run again to answer the rest)")
     distill.add_argument("--check-float32", type=non_negative_int, default=0, metavar="N",
-                         help="with --dtype bfloat16/float16 or --engine vllm: answer the first N prompts of DIR again "
-                              "with HF generate in float32 (--engine vllm: one prompt at a time) and report how far "
-                              "the answers agree (default: 0, no check)")
+                         help="with --dtype bfloat16/float16 or --engine vllm/ctcspec: answer the first N prompts of "
+                              "DIR again with HF generate in float32 (--engine vllm: one prompt at a time) and report "
+                              "how far the answers agree (default: 0, no check)")
     distill.add_argument("--engine", default="hf", choices=DISTILL_ENGINES,
                          help="what answers the prompts: hf = HF generate on left-padded batches (default); vllm = "
                               "vLLM's continuous batching over each batch, in its own environment (`make vllm`, "
-                              "docs/vllm.md; --batch-size 64 or more suits it); --self-instruct always uses HF")
+                              "docs/vllm.md; --batch-size 64 or more suits it); ctcspec = ctcspec's batched engine "
+                              "with prompt lookup, --batch-size sequences at a time (docs/batching.md); "
+                              "--self-instruct always uses HF")
     distill.add_argument("--max-new-tokens", type=positive_int, default=256)
     distill.add_argument("--batch-size", type=positive_int, default=16)
     distill.add_argument("--store", type=Path, default=None, metavar="STORE",
@@ -162,8 +165,8 @@ def cmd_distill(args) -> int:
     sources += [("--templated", templated_prompts())] if args.templated else []
     sources += [("--styled", styled_prompts())] if args.styled else []
     if args.check_float32 and parse_dtype(args.dtype) == torch.float32 and args.engine == "hf":
-        raise CtcspecError("--check-float32 compares a lower precision or vLLM with HF in float32: give --dtype "
-                           "bfloat16 or float16, or --engine vllm")
+        raise CtcspecError("--check-float32 compares a lower precision or another engine with HF in float32: give "
+                           "--dtype bfloat16 or float16, or --engine vllm or ctcspec")
     problem = vllm_problem() if args.engine == "vllm" else None
     if problem:
         raise CtcspecError(problem)
@@ -194,6 +197,8 @@ def cmd_distill(args) -> int:
             engine = stack.enter_context(VllmEngine(loaded.path, args.threads or torch.get_num_threads(),
                                                     dtype=dtype_name(args.dtype)))
             answer_batch = vllm_answers(engine, loaded.model, loaded.tokenizer, args.max_new_tokens)
+        elif args.engine == "ctcspec":
+            answer_batch = ctcspec_answers(loaded.model, loaded.tokenizer, args.max_new_tokens, args.batch_size)
         stats = distill(loaded.model, loaded.tokenizer, prompts, args.out, args.max_new_tokens, args.batch_size,
                         deadline=deadline, answer_batch=answer_batch, engine=args.engine, skip=skip)
     if args.check_float32:

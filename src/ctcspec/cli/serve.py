@@ -15,9 +15,9 @@ from ctcspec.cli.args import (
     port_number,
     positive_int,
 )
-from ctcspec.cli.common import engine_from_args
+from ctcspec.cli.common import batch_engine_from_args, engine_from_args
 from ctcspec.server.metrics import ServerMetrics
-from ctcspec.server.service import GenerationService
+from ctcspec.server.service import BatchGenerationService, GenerationService
 
 
 def add_serve_parser(sub) -> None:
@@ -25,8 +25,8 @@ def add_serve_parser(sub) -> None:
                            description="Serve the model with speculative decoding over the OpenAI API: "
                                        "/v1/chat/completions and /v1/completions (streaming or not), /v1/models, "
                                        "/health, /metrics (Prometheus) and a chat page at /. Requests queue for "
-                                       "the engine, one generation at a time. Greedy unless a request sets "
-                                       "temperature above 0 (docs/serving.md).")
+                                       "the engine: one generation at a time, or --max-batch together. Greedy "
+                                       "unless a request sets temperature above 0 (docs/serving.md).")
     add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
@@ -39,6 +39,9 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--max-queue", type=positive_int, default=64,
                        help="requests admitted at once, waiting or running; beyond it a request gets 429 "
                             "(default: 64)")
+    serve.add_argument("--max-batch", type=positive_int, default=1,
+                       help="requests decoded together, each joining as soon as a row is free (continuous batching; "
+                            "default: 1, one at a time on the fastest one-sequence backend)")
     serve.add_argument("--drain-timeout", type=bounded_float(lambda v: v >= 0, "at least 0"), default=60.0,
                        metavar="S", help="on Ctrl-C or SIGTERM, seconds open requests get to finish before they "
                                      "are cancelled (default: 60)")
@@ -62,11 +65,16 @@ def cmd_serve(args) -> int:
     from ctcspec.server.app import check_address, create_app, run_server
 
     check_address(args.host, args.port)  # before the model loads: fail fast
-    loaded, engine = engine_from_args(args)
-    service = GenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())
+    if args.max_batch > 1:
+        loaded, engine = batch_engine_from_args(args, args.max_batch)
+        service = BatchGenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())
+    else:
+        loaded, engine = engine_from_args(args)
+        service = GenerationService(engine, loaded.tokenizer, args.max_queue, ServerMetrics())
     app = create_app(service, args.served_model_name or args.model, args.api_key)
-    logging.getLogger("ctcspec").info("serving %s with the %s drafter at http://%s:%d (chat page at /, API at /v1)",
-                                      args.model, engine.drafter.name, args.host, args.port)
+    logging.getLogger("ctcspec").info("serving %s with the %s drafter, %d at a time, at http://%s:%d (chat page at /, "
+                                      "API at /v1)", args.model, engine.drafter.name, args.max_batch, args.host,
+                                      args.port)
     run_server(app, args.host, args.port, args.drain_timeout)
     return 0
 

@@ -34,22 +34,23 @@ def check_drafter_name(name: str) -> str:
 
 
 def make_drafter(name: str, model: torch.nn.Module | None = None, drafter_dir: str | Path | None = None,
-                 transform: str = "beam") -> Drafter:
+                 transform: str = "beam", batch_cost: dict[int, dict[int, float]] | None = None) -> Drafter:
     """Build a drafter by name. Trained drafters load their module from `drafter_dir` (a saved drafter of
     the kind MODULE_KIND[name]) against the base `model`; their tree budget is left at the drafter's
-    default: `assembly.build_drafter` settles it for this machine."""
+    default: `assembly.build_drafter` settles it for this machine. Prompt lookup (alone or in ctc+lookup) prices
+    its trees on `batch_cost` in batches, when given (drafters/lookup.py)."""
     check_drafter_name(name)
     if name == "vanilla":
         return VanillaDrafter()
     if name == "lookup":
-        return LookupDrafter()
+        return LookupDrafter(batch_cost=batch_cost)
     kind = MODULE_KIND[name]
     if model is None or drafter_dir is None:
         raise CtcspecError(f"the {name} drafter needs the base model and a trained {kind} drafter directory "
                            f"(train one with ctcspec distill + ctcspec train --kind {kind})")
     module, config = load_drafter_module(Path(drafter_dir), model, kind=kind)
     drafter = TRAINED_DRAFTERS[kind].from_saved(module, config, transform)
-    return CTCLookupDrafter(drafter) if name == "ctc+lookup" else drafter
+    return CTCLookupDrafter(drafter, LookupDrafter(batch_cost=batch_cost)) if name == "ctc+lookup" else drafter
 
 
 __all__ = ["DRAFTERS", "MODULE_KIND", "CTCDrafter", "CTCLookupDrafter", "DraftRequest", "Drafter", "HeadsDrafter",

@@ -8,6 +8,7 @@ never needs to be right: the engine verifies every token, so a bad draft costs t
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class DraftRequest:
     new_hidden: torch.Tensor | None = None  # base states of positions accepted since the last request (only
                                             # for drafters with needs_hidden_states): the last layer's, then
                                             # those of its feature_layers, concatenated
+    batch: int = 1                          # sequences verified in the same forward (batch.py), this one included
 
 
 class Drafter(ABC):
@@ -37,6 +39,14 @@ class Drafter(ABC):
 
     def reset(self) -> None:  # noqa: B027 - optional hook, most drafters keep no per-sequence state
         """Forget per-sequence state; called before every generation."""
+
+    def fork(self) -> Drafter:
+        """A drafter for another sequence (batch.py): the same network and settings, its own per-sequence state. A
+        shallow copy, then `reset`: so `reset` must create the per-sequence state anew (rebind, not clear in place),
+        as every drafter here does."""
+        clone = copy.copy(self)
+        clone.reset()
+        return clone
 
     @abstractmethod
     def propose(self, request: DraftRequest) -> TokenTree:
@@ -60,8 +70,14 @@ class BudgetedDrafter(Drafter):
     def reset(self) -> None:
         self.budget.reset()
 
+    def fork(self) -> BudgetedDrafter:
+        clone = copy.copy(self)
+        clone.budget = copy.copy(self.budget)
+        clone.reset()
+        return clone
+
     def propose(self, request: DraftRequest) -> TokenTree:
-        return self.draft(request, self.budget.next(request.accepted))
+        return self.draft(request, self.budget.next(request.accepted, batch=request.batch))
 
     @abstractmethod
     def draft(self, request: DraftRequest, tree_budget: int) -> TokenTree:

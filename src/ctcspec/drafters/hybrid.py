@@ -12,6 +12,7 @@ of the two), and learns from what the CTC part alone kept.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 from ctcspec.drafters.base import BudgetedDrafter, DraftRequest
@@ -52,9 +53,15 @@ class CTCLookupDrafter(BudgetedDrafter):
         self.lookup.reset()
         self._copied, self._drafted = TokenTree(), TokenTree()
 
+    def fork(self) -> CTCLookupDrafter:
+        clone = copy.copy(self)
+        clone.ctc, clone.lookup = self.ctc.fork(), self.lookup.fork()
+        clone.reset()
+        return clone
+
     def propose(self, request: DraftRequest) -> TokenTree:
         copied, ctc_kept = self._copy(request)
-        budget = self.budget.next(ctc_kept, len(copied), self.lookup.expected_accept_of_last())
+        budget = self.budget.next(ctc_kept, len(copied), self.lookup.expected_accept_of_last(), request.batch)
         return self._merge(request, copied, budget)
 
     def draft(self, request: DraftRequest, tree_budget: int) -> TokenTree:

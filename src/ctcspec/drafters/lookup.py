@@ -7,7 +7,9 @@ A wrong draft is not free: verifying a few extra nodes costs a little more than 
 (`ctcspec.budget` measures how much on this machine). The drafter therefore keeps, per generation and
 per matched n-gram length, the mean number of draft tokens the base model accepted (the engine says
 how many, in each request), and drafts only while that expectation reaches `min_expected_accept`
-(docs/lookup.md says how the default was chosen).
+(docs/lookup.md says how the default was chosen). In a batch (batch.py) a tree must also pay for its share of the
+batched forward: given `batch_cost` (budget.machine_batch_cost), a tree of n nodes needs an expected
+share(1 + n) / share(1) - 1 kept tokens at the step's batch size (pricing.batch_share), which grows with the batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ctcspec.drafters.base import Drafter, DraftRequest
+from ctcspec.pricing import batch_share, interpolate_cost
 from ctcspec.tree import TokenTree
 
 
@@ -23,13 +26,15 @@ class LookupDrafter(Drafter):
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 2, draft_len: int = 6,
                  max_matches: int = 3, tree_budget: int = 12, min_expected_accept: float = 1.0,
-                 prior_accept: float = 1.5, prior_weight: float = 2.0):
+                 prior_accept: float = 1.5, prior_weight: float = 2.0,
+                 batch_cost: dict[int, dict[int, float]] | None = None):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.draft_len, self.max_matches, self.tree_budget = draft_len, max_matches, tree_budget
         self.min_expected_accept = min_expected_accept
         self.prior_accept, self.prior_weight = prior_accept, prior_weight
+        self.batch_cost = batch_cost
         self.reset()
 
     def reset(self) -> None:
@@ -39,7 +44,15 @@ class LookupDrafter(Drafter):
 
     def settings(self) -> dict:
         return {"tree_budget": self.tree_budget, "draft_len": self.draft_len,
-                "min_expected_accept": self.min_expected_accept}
+                "min_expected_accept": self.min_expected_accept,
+                **({"priced_for_batches": True} if self.batch_cost else {})}
+
+    def required_accept(self, nodes: int, batch: int) -> float:
+        """The expected kept tokens a tree of `nodes` nodes needs at this batch size (see the module docstring)."""
+        if not self.batch_cost:
+            return self.min_expected_accept
+        share = batch_share(self.batch_cost, batch)
+        return max(self.min_expected_accept, interpolate_cost(share, 1 + nodes) / interpolate_cost(share, 1) - 1)
 
     def expected_accept(self, ngram: int) -> float:
         """Smoothed mean accepted draft length for matches of this n-gram length."""
@@ -62,8 +75,11 @@ class LookupDrafter(Drafter):
                 continue
             if self.expected_accept(n) < self.min_expected_accept:
                 return TokenTree()
+            tree = TokenTree.from_sequences(matches, self.tree_budget, min(self.draft_len, request.max_depth))
+            if self.expected_accept(n) < self.required_accept(len(tree), request.batch):
+                return TokenTree()
             self._last_ngram = n
-            return TokenTree.from_sequences(matches, self.tree_budget, min(self.draft_len, request.max_depth))
+            return tree
         return TokenTree()
 
     def _continuations(self, ids: np.ndarray, n: int) -> list[tuple[int, ...]]:

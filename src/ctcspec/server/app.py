@@ -1,4 +1,4 @@
-"""`ctcspec serve`: the OpenAI HTTP API (chat completions, completions, models) over one GenerationService,
+"""`ctcspec serve`: the OpenAI HTTP API (chat completions, completions, models) over one EngineService,
 with server-sent-event streaming, Prometheus metrics and a chat page.
 
 Anything a client sends that cannot be served is answered with OpenAI's error object and a 4xx — malformed JSON
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from ctcspec.errors import CtcspecError, one_line
 from ctcspec.prompts import encode_chat
 from ctcspec.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationFields
-from ctcspec.server.service import Failed, Finished, GenerationService, Job, QueueFull, ShuttingDown, StepText
+from ctcspec.server.service import EngineService, Failed, Finished, Job, QueueFull, ShuttingDown, StepText
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def page() -> str:
 @dataclass(frozen=True)
 class Served:
     """What the routes serve: the engine's service, the model's name for clients, the API key (None: none)."""
-    service: GenerationService
+    service: EngineService
     model_name: str
     api_key: str | None
 
@@ -284,7 +284,7 @@ async def respond(request: Request, body: GenerationFields, prompt_ids: list[int
         job.cancel()  # when the wait itself was cancelled (the server stopping): no answer for nobody
 
 
-def admit(service: GenerationService, body: GenerationFields, prompt_ids: list[int], prompt_param: str) -> Job:
+def admit(service: EngineService, body: GenerationFields, prompt_ids: list[int], prompt_param: str) -> Job:
     """The request as a queued job, or the ApiError saying why not (context, settings, queue, shutdown)."""
     room = service.room(prompt_ids)
     length = body.length()
@@ -357,7 +357,7 @@ async def _lifespan(app: FastAPI):
     await service.wait_closed()
 
 
-def create_app(service: GenerationService, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(service: EngineService, model_name: str, api_key: str | None = None) -> FastAPI:
     """The HTTP API over `service`, answering for the model `model_name`; with `api_key`, the /v1 endpoints want
     `Authorization: Bearer <api_key>`."""
     handlers = {ApiError: _api_error, RequestValidationError: _invalid, HTTPException: _http, Exception: _unexpected}

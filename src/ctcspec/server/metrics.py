@@ -24,8 +24,14 @@ class ServerMetrics:
                                      registry=registry)
         self.generation_tokens = Counter("ctcspec_generation_tokens", "tokens generated", registry=registry)
         self.waiting = Gauge("ctcspec_requests_waiting", "admitted requests waiting for the engine", registry=registry)
-        self.running = Gauge("ctcspec_requests_running", "requests the engine is generating (0 or 1)",
+        self.running = Gauge("ctcspec_requests_running", "requests the engine is generating (at most --max-batch)",
                              registry=registry)
+        self.batch_sequences = Histogram("ctcspec_batch_sequences", "sequences per batched base forward "
+                                         "(--max-batch)", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                                         registry=registry)
+        self.batch_nodes = Histogram("ctcspec_batch_nodes", "nodes per batched base forward: every sequence's root "
+                                     "and draft nodes (--max-batch)",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=registry)
         self.base_forwards = Counter("ctcspec_base_forwards", "base-model forwards (prefill included)",
                                      registry=registry)
         self.step_tokens = Histogram("ctcspec_tokens_per_step",
@@ -48,8 +54,9 @@ class ServerMetrics:
               registry=registry).set_function(lambda: self._totals.draft_s / (self._totals.decode_s or 1.0))
 
     def record_generation(self, stats: GenerationStats) -> None:
+        """A finished generation's figures (its base forwards are counted by the service: a batched forward serves
+        several generations)."""
         self.generation_tokens.inc(stats.new_tokens)
-        self.base_forwards.inc(stats.steps)
         self.draft_seconds.inc(stats.draft_s)
         self.decode_seconds.inc(stats.decode_s)
         totals = self._totals

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
+from ctcspec.assembly import build_batch_engine
 from ctcspec.decoding import eos_ids
 from ctcspec.errors import CtcspecError, read_text_file
 from ctcspec.modules.files import drafter_base
@@ -216,8 +218,6 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos: Sequence[int],
                    pad_id: int, sample: bool = False, seed: int = 0) -> list[list[int]]:
     """Left-padded batched generation; each answer cut after its first EOS."""
-    from transformers import GenerationConfig
-
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -324,7 +324,7 @@ def _drop_partial_last_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-DISTILL_ENGINES = ("hf", "vllm")
+DISTILL_ENGINES = ("hf", "vllm", "ctcspec")
 AnswerBatch = Callable[[list[list[int]]], list[list[int]]]  # prompt ids -> greedy answers, each cut after its EOS
 
 
@@ -332,6 +332,17 @@ def hf_answers(model, tokenizer, max_new_tokens: int) -> AnswerBatch:
     """The default engine: HF `generate` on left-padded batches (generate_batch)."""
     eos, pad_id = stop_and_pad_ids(model, tokenizer)
     return lambda prompts: generate_batch(model, prompts, max_new_tokens, eos, pad_id)
+
+
+def ctcspec_answers(model, tokenizer, max_new_tokens: int, max_batch: int) -> AnswerBatch:
+    """ctcspec's own batched engine (batch.py) with prompt lookup, `max_batch` sequences at a time with continuous
+    batching: each answer is HF generate's greedy answer to that prompt alone (generate_batch's settings)."""
+    eos, pad_id = stop_and_pad_ids(model, tokenizer)
+    engine = build_batch_engine(model, "lookup", max_batch=max_batch)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos) or None,
+                              pad_token_id=pad_id)
+    return lambda prompts: [result.tokens for result in engine.generate(prompts, max_new_tokens,
+                                                                        generation_config=config)]
 
 
 def vllm_answers(engine, model, tokenizer, max_new_tokens: int) -> AnswerBatch:
