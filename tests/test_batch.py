@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import VOCAB, hf_greedy, run_cli, tiny_model
 from ctcspec.backends.hf import HFBackend
+from ctcspec.backends.static import attend, few_wide_rows
 from ctcspec.batch import BatchEngine
-from ctcspec.batch_cache import BatchCache, BatchRunner
+from ctcspec.batch_cache import BatchCache, BatchRunner, batch_mask
 from ctcspec.drafters import DRAFTERS, LookupDrafter, VanillaDrafter
 from ctcspec.drafters.base import Drafter, DraftRequest
 from ctcspec.drafters.hybrid import CTCLookupDrafter
@@ -282,3 +283,24 @@ def test_bench_batch_size_reports_every_system_side_by_side(capsys, tiny_model_d
     code, _, err = run_cli(capsys, "bench", "--model", str(tiny_model_dir), "--questions", str(questions),
                            "--batch-size", "4", "--out", str(out_dir))
     assert code == 2 and "already holds a batch report" in err
+
+
+def test_split_attention_equals_the_padded_call_on_real_queries():
+    """A batch where few rows verify trees attends their extra queries apart; real outputs are unchanged."""
+    gen = torch.Generator().manual_seed(0)
+    rows, width, slots = 6, 5, 40
+    real = torch.zeros(rows, width, dtype=torch.bool)
+    real[:, 0] = True
+    real[2, :4] = real[5, :] = True
+    query = torch.randn(rows, 4, width, 16, generator=gen)
+    keys, values = torch.randn(rows, 2, slots + width, 16, generator=gen), torch.randn(rows, 2, slots + width, 16,
+                                                                                      generator=gen)
+    live = torch.rand(rows, slots, generator=gen) < 0.8
+    parents = [list(range(-1, int(n) - 1)) for n in real.sum(dim=1)]
+    mask = batch_mask(live, parents, width, torch.float32)
+    wide = few_wide_rows(real)
+    assert wide.tolist() == [2, 5]
+    split = attend(query, keys, values, mask, False, 0.25, wide).transpose(1, 2)[real]
+    padded = attend(query, keys, values, mask, False, 0.25).transpose(1, 2)[real]
+    torch.testing.assert_close(split, padded)
+    assert few_wide_rows(torch.ones(rows, width, dtype=torch.bool)) is None  # all wide: one padded call

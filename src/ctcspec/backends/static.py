@@ -59,6 +59,28 @@ def unpack(packed: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def few_wide_rows(real: torch.Tensor) -> torch.Tensor | None:
+    """The rows with more than one real node, when they are at most half of the rows (else None: attend padded)."""
+    wide = (real.sum(dim=1) > 1).nonzero()[:, 0]
+    return wide if real.shape[1] > 1 and 0 < len(wide) <= real.shape[0] // 2 else None
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+           scale: float, wide: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (rows, heads, q, head_dim) queries. With `wide` (few_wide_rows), every row's first query runs in
+    one call and only the wide rows' others in a second: a batch where one sequence verifies a tree does not pay
+    attention over the padding of all the others (their padded queries' outputs are left zero, and never read)."""
+    if wide is None:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=True)
+    out = query.new_zeros(query.shape)
+    out[:, :, :1] = F.scaled_dot_product_attention(query[:, :, :1], keys, values, attn_mask=mask[:, :, :1],
+                                                   scale=scale, enable_gqa=True)
+    out[wide, :, 1:] = F.scaled_dot_product_attention(query[wide, :, 1:], keys[wide], values[wide],
+                                                      attn_mask=mask[wide, :, 1:], scale=scale, enable_gqa=True)
+    return out
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -131,6 +153,7 @@ class StaticBackend(Backend):
         order; padding nodes get zero keys and values."""
         q = ids.shape[1]
         end = past + q
+        wide = few_wide_rows(real) if real is not None else None
         if real is not None:
             ids, positions = ids[real][None], positions[real][None]
         x = self.decoder.embed_tokens(ids)  # (1, nodes, hidden): one row, or the batch's real nodes packed
@@ -151,9 +174,8 @@ class StaticBackend(Backend):
                 query, key, value = (unpack(t[0].transpose(0, 1), real).transpose(1, 2) for t in (query, key, value))
             layer_keys[:, :, past:end] = key
             layer_values[:, :, past:end] = value
-            out = F.scaled_dot_product_attention(query, layer_keys[:, :, :end], layer_values[:, :, :end],
-                                                 attn_mask=mask, is_causal=causal, scale=attention.scaling,
-                                                 enable_gqa=True).transpose(1, 2)
+            out = attend(query, layer_keys[:, :, :end], layer_values[:, :, :end], mask, causal, attention.scaling,
+                         wide).transpose(1, 2)
             out = out.reshape(1, q, -1) if real is None else out[real].reshape(1, -1, self.heads * self.head_dim)
             x = x + attention.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
