@@ -13,10 +13,10 @@ padded batch may differ where padding changes the rounding).
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ctcspec.batch import BatchEngine
@@ -45,17 +45,8 @@ class BatchRun:
         return {"system": self.system, "new_tokens": tokens, "seconds": self.seconds, "tokens_per_s": rate,
                 "vs_hf": rate / hf_rate if hf_rate else None, "beta": tokens / self.steps if self.steps else None,
                 "drafted_per_step": self.drafted / self.steps if self.steps else 0.0, "forwards": self.forwards,
-                "latency_p50_s": statistics.median(self.latencies),
-                "latency_p95_s": percentile(self.latencies, 95), "differ_from_vanilla": differ}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, linear between the nearest ranks."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+                "latency_p50_s": float(np.median(self.latencies)),
+                "latency_p95_s": float(np.percentile(self.latencies, 95)), "differ_from_vanilla": differ}
 
 
 def run_engine_batch(name: str, engine: BatchEngine, prompts: list[list[int]], max_new_tokens: int,

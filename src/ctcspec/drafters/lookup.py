@@ -35,6 +35,7 @@ class LookupDrafter(Drafter):
         self.min_expected_accept = min_expected_accept
         self.prior_accept, self.prior_weight = prior_accept, prior_weight
         self.batch_cost = batch_cost
+        self._shares: dict[int, dict[int, float]] = {}  # batch_share per batch size: a memo, shared by forks
         self.reset()
 
     def reset(self) -> None:
@@ -51,7 +52,9 @@ class LookupDrafter(Drafter):
         """The expected kept tokens a tree of `nodes` nodes needs at this batch size (see the module docstring)."""
         if not self.batch_cost:
             return self.min_expected_accept
-        share = batch_share(self.batch_cost, batch)
+        if batch not in self._shares:
+            self._shares[batch] = batch_share(self.batch_cost, batch)
+        share = self._shares[batch]
         return max(self.min_expected_accept, interpolate_cost(share, 1 + nodes) / interpolate_cost(share, 1) - 1)
 
     def expected_accept(self, ngram: int) -> float:
