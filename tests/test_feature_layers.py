@@ -9,7 +9,7 @@ import pytest
 import torch
 from ctc_helpers import tiny_module, write_distilled
 
-from conftest import hf_greedy, run_cli, tiny_model
+from conftest import ARCHS, hf_greedy, run_cli, tiny_model
 from ctcspec.backends import HFBackend, StaticBackend
 from ctcspec.drafters.base import DraftRequest
 from ctcspec.drafters.ctc import CTCDrafter
@@ -17,8 +17,18 @@ from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
 from ctcspec.modules import build_module
 from ctcspec.modules.files import load_drafter_module
-from ctcspec.training.data import base_hidden, batch_hidden, open_hidden_cache, pad_batch, read_data
-from ctcspec.training.train import TrainConfig, train
+from ctcspec.training import data
+from ctcspec.training.data import (
+    base_hidden,
+    batch_hidden,
+    batch_order,
+    fill_hidden_cache,
+    open_hidden_cache,
+    pad_batch,
+    read_data,
+    split_heldout,
+)
+from ctcspec.training.train import TrainConfig, planned_samples, train
 
 LAYERS = (1, 0)  # the tiny models have two layers: the output of the first, then the embeddings
 
@@ -141,6 +151,58 @@ def test_hidden_cache_keeps_every_layer(llama, tmp_path):
         for row, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(units[row, :n], raw_units[row, :n], atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(last_only, cached[0][..., :llama.config.hidden_size])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_base_hidden_is_what_the_causal_lm_returns(arch):
+    model = tiny_model(arch)
+    tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([12, 7])
+    mask = (torch.arange(12) < lengths[:, None]).long()
+    with torch.no_grad():
+        states = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
+    got = base_hidden(model, tokens, lengths, LAYERS)
+    want = torch.cat([states[-1], *(states[i] for i in LAYERS)], dim=-1)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got[row, :n], want[row, :n])
+
+
+def test_filling_the_hidden_cache_shortest_first(llama, tmp_path, monkeypatch):
+    samples = read_data([write_distilled(llama, tmp_path / "data", count=7)])
+    samples = [{**s, "ids": s["ids"][:12 + 3 * i]} for i, s in enumerate(samples)]  # lengths 12 .. 30
+    cache = open_hidden_cache(tmp_path / "cache", llama)
+    tokens, lengths, _ = pad_batch(samples, 1024, "cpu")
+    expected = batch_hidden(llama, samples, tokens, lengths, None, LAYERS)
+    batch_hidden(llama, samples[2:3], *pad_batch(samples[2:3], 1024, "cpu")[:2], cache, LAYERS)
+    shapes = []
+    monkeypatch.setattr(data, "base_hidden", lambda model, ids, *rest: shapes.append(tuple(ids.shape))
+                        or base_hidden(model, ids, *rest))
+    assert fill_hidden_cache(llama, samples[::-1], cache, 1024, LAYERS, batch_tokens=40) == 6  # one was there
+    assert shapes == [(2, 15), (1, 21), (1, 24), (1, 27), (1, 30)]  # shortest first, at most 40 padded tokens
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 7 * 3
+    assert fill_hidden_cache(llama, samples, cache, 1024, LAYERS) == 0
+    assert fill_hidden_cache(llama, samples, cache, 1024, (0,)) == 0  # layer 0 was filled beside the last
+    assert len(shapes) == 5
+    got = batch_hidden(llama, samples, tokens, lengths, cache, LAYERS)
+    d = llama.config.hidden_size
+    for row, n in enumerate(lengths.tolist()):  # the last layer as computed; earlier layers kept normalised (fp16)
+        torch.testing.assert_close(got[row, :n, :d], expected[row, :n, :d], atol=2e-3, rtol=2e-3)
+    assert fill_hidden_cache(llama, samples[:2], cache, 10, LAYERS, deadline=0.0) == 0  # past its deadline
+    assert fill_hidden_cache(llama, samples[:2], cache, 10, LAYERS) == 2  # cut at max_length: other sequences
+
+
+def test_training_fills_the_cache_for_the_steps_it_runs(llama, tmp_path):
+    data = write_distilled(llama, tmp_path / "data")
+    config = _config(steps=2, hidden_cache=str(tmp_path / "cache"))
+    train(llama, [data], tmp_path / "d", config, progress=False)
+    train_set, _ = split_heldout(read_data([data]), config.heldout_every)
+    planned = {i for batch in batch_order(train_set, config.batch_size, config.seed, 0)[:2] for i in batch}
+    assert len(planned) < len(train_set)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == len(planned)  # two batches' worth, not the epoch's
+    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    shares = [planned_samples(train_set, config, steps_per_epoch, 0, 2, rank, 2) for rank in (0, 1)]
+    assert sorted(s["index"] for share in shares for s in share) == sorted(train_set[i]["index"] for i in planned)
+    assert planned_samples(train_set, config, steps_per_epoch, 2, 2, 0, 1) == []  # a finished run needs nothing
 
 
 def _config(**overrides):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ctcspec.errors import CtcspecError
 from ctcspec.modules.files import describe_base, same_weights
@@ -114,9 +117,10 @@ def draft_targets(module, tokens: torch.Tensor, lengths: torch.Tensor, anchors: 
 @torch.no_grad()
 def base_hidden(model, tokens: torch.Tensor, lengths: torch.Tensor, feature_layers: Sequence[int] = ()) -> torch.Tensor:
     """The base model's last (normed) hidden states of a padded batch, then those of `feature_layers` (HF
-    hidden_states indices), concatenated on the last dimension: what a drafter reading those layers gets."""
+    hidden_states indices), concatenated on the last dimension: what a drafter reading those layers gets. The decoder
+    alone runs: the LM head's logits of every position (a fifth of SmolLM2's forward) are not needed."""
     mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]).long()
-    out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    out = model.get_decoder()(input_ids=tokens, attention_mask=mask, output_hidden_states=True, use_cache=False)
     return torch.cat([out.hidden_states[-1], *(out.hidden_states[i] for i in feature_layers)], dim=-1)
 
 
@@ -132,6 +136,12 @@ def _ids_key(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
 
 
+def _cache_files(cache_dir: Path, ids: list[int], feature_layers: Sequence[int]) -> list[Path]:
+    """One sequence's cached states: the last layer's (the cache's first format), then each feature layer's."""
+    key = _ids_key(ids)
+    return [cache_dir / f"{key}{suffix}.npy" for suffix in ("", *(f".layer{i}" for i in feature_layers))]
+
+
 def open_hidden_cache(path: Path, model) -> Path:
     """The hidden-state cache directory, bound to one base model (its description is stored there)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -145,6 +155,27 @@ def open_hidden_cache(path: Path, model) -> Path:
 
 
 @torch.no_grad()
+def _store_missing(model, paths: list[list[Path]], tokens: torch.Tensor, lengths: torch.Tensor,
+                   feature_layers: Sequence[int]) -> int:
+    """Run the base model on the rows of a padded batch whose cache files are missing and write them (fp16, a file
+    per layer, each atomically: a killed run never leaves half a file). Returns how many rows it ran."""
+    missing = [i for i, row in enumerate(paths) if not all(p.exists() for p in row)]
+    if not missing:
+        return 0
+    rows = torch.tensor(missing, device=tokens.device)
+    d = model.config.hidden_size
+    computed = base_hidden(model, tokens[rows], lengths[rows], feature_layers).float()
+    earlier = computed[..., d:].unflatten(-1, (-1, d))
+    earlier = earlier * torch.rsqrt(earlier.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))
+    computed = torch.cat([computed[..., :d], earlier.flatten(-2)], dim=-1).to("cpu", torch.float16)
+    for row, i in enumerate(missing):
+        for part, path in enumerate(paths[i]):
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # one per process: processes may share a sequence
+            np.save(tmp, computed[row, :int(lengths[i]), part * d:(part + 1) * d].numpy())
+            tmp.replace(path)
+    return len(missing)
+
+
 def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torch.Tensor,
                  cache_dir: Path | None, feature_layers: Sequence[int] = ()) -> torch.Tensor:
     """`base_hidden` of a padded batch; with `cache_dir`, each sequence's states of each layer are computed
@@ -153,28 +184,43 @@ def batch_hidden(model, samples: list[dict], tokens: torch.Tensor, lengths: torc
     states can pass fp16's range (SmolLM2's reach 22,000 of its 65,504), and the module RMS-normalises them anyway."""
     if cache_dir is None:
         return base_hidden(model, tokens, lengths, feature_layers)
-    keys = [_ids_key(s["ids"][:int(n)]) for s, n in zip(samples, lengths.tolist(), strict=True)]
-    suffixes = ["", *(f".layer{i}" for i in feature_layers)]  # the last layer keeps the cache's first format
-    paths = [[cache_dir / f"{key}{suffix}.npy" for suffix in suffixes] for key in keys]
-    missing = [i for i, row in enumerate(paths) if not all(p.exists() for p in row)]
-    if missing:
-        rows = torch.tensor(missing, device=tokens.device)
-        d = model.config.hidden_size
-        computed = base_hidden(model, tokens[rows], lengths[rows], feature_layers).float()
-        earlier = computed[..., d:].unflatten(-1, (-1, d))
-        earlier = earlier * torch.rsqrt(earlier.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))
-        computed = torch.cat([computed[..., :d], earlier.flatten(-2)], dim=-1).to("cpu", torch.float16)
-        for row, i in enumerate(missing):
-            for part, path in enumerate(paths[i]):
-                tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, computed[row, :int(lengths[i]), part * d:(part + 1) * d].numpy())
-                tmp.replace(path)  # atomic: a killed run never leaves half a file behind
-    width = model.config.hidden_size * len(suffixes)
+    paths = [_cache_files(cache_dir, s["ids"][:int(n)], feature_layers)
+             for s, n in zip(samples, lengths.tolist(), strict=True)]
+    _store_missing(model, paths, tokens, lengths, feature_layers)
+    width = model.config.hidden_size * (1 + len(feature_layers))
     hidden = torch.zeros(*tokens.shape, width, dtype=model.dtype)
     for i, row in enumerate(paths):
         states = torch.cat([torch.from_numpy(np.load(p)) for p in row], dim=-1)
         hidden[i, :states.shape[0]] = states.to(hidden.dtype)
     return hidden.to(tokens.device)
+
+
+def fill_hidden_cache(model, samples: list[dict], cache_dir: Path, max_length: int,
+                      feature_layers: Sequence[int] = (), batch_tokens: int = 8192, deadline: float | None = None,
+                      progress: bool = False) -> int:
+    """Write the cache files `batch_hidden` would lack for `samples`, shortest first, in batches of at most
+    `batch_tokens` padded tokens (one longer sequence alone): the base model runs once per sequence at a batch size
+    larger than training's, and the training steps after it only read. Stops starting batches once
+    `time.perf_counter()` passes `deadline`. Returns how many sequences it ran; a killed fill resumes where it
+    stopped."""
+    missing = [s for s in samples
+               if not all(p.exists() for p in _cache_files(cache_dir, s["ids"][:max_length], feature_layers))]
+    missing.sort(key=lambda s: min(len(s["ids"]), max_length))
+    groups, group = [], []
+    for sample in missing:
+        if group and (len(group) + 1) * min(len(sample["ids"]), max_length) > batch_tokens:
+            groups.append(group)
+            group = []
+        group.append(sample)
+    groups += [group] if group else []
+    ran = 0
+    for group in tqdm(groups, desc="hidden-state cache", unit="batch", disable=not (progress and groups)):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        tokens, lengths, _ = pad_batch(group, max_length, model.device)
+        paths = [_cache_files(cache_dir, s["ids"][:max_length], feature_layers) for s in group]
+        ran += _store_missing(model, paths, tokens, lengths, feature_layers)
+    return ran
 
 
 def read_data(data_dirs: list[Path]) -> list[dict]:

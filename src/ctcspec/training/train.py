@@ -42,6 +42,7 @@ from ctcspec.training.data import (
     data_digest,
     draft_targets,
     draft_vocabulary,
+    fill_hidden_cache,
     open_hidden_cache,
     pad_batch,
     read_data,
@@ -250,10 +251,16 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
     module, optimizer = accelerator.prepare(module, optimizer)
     inner = accelerator.unwrap_model(module)
     rank, world = accelerator.process_index, accelerator.num_processes
+    start = time.perf_counter() - elapsed  # the clock, and --time-limit-s, count the cache's filling
+    if cache_dir is not None:
+        planned = planned_samples(train_set, config, steps_per_epoch, step, total_steps, rank, world)
+        fill_hidden_cache(model, planned, cache_dir, config.max_length, inner.feature_layers,
+                          deadline=start + config.time_limit_s if config.time_limit_s else None,
+                          progress=progress and accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                disable=not (progress and accelerator.is_main_process))
     smoothed, proxy = None, None
-    start = time.perf_counter() - elapsed
     stopped_early = False
     while step < total_steps:
         if config.time_limit_s and _out_of_time(accelerator, time.perf_counter() - start > config.time_limit_s):
@@ -264,7 +271,7 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         if index >= len(batches):
             step += 1
             continue
-        share = batches[index][rank::world] or batches[index][:1]
+        share = process_share(batches[index], rank, world)
         tokens, lengths, prompt_lens = pad_batch([train_set[i] for i in share], config.max_length, device)
         generators = [anchor_generator(config.seed, step, train_set[i]["index"]) for i in share]
         anchors, valid = choose_anchors(lengths.cpu(), prompt_lens.cpu(), config.anchors_per_sequence, generators)
@@ -314,6 +321,24 @@ def train(model, data_dirs: list[Path], out_dir: Path, config: TrainConfig, resu
         summary["acceptance_curve"] = curves
     accelerator.wait_for_everyone()
     return summary
+
+
+def process_share(batch: list[int], rank: int, world: int) -> list[int]:
+    """The sample positions of `batch` process `rank` of `world` trains on (at least one, so every process steps)."""
+    return batch[rank::world] or batch[:1]
+
+
+def planned_samples(train_set: list[dict], config: TrainConfig, steps_per_epoch: int, first: int, last: int,
+                    rank: int, world: int) -> list[dict]:
+    """The samples process `rank` reads in steps first .. last - 1 (batches are a pure function of seed and epoch),
+    each once: what a run of fewer steps than the data, or a resumed one, needs in the hidden-state cache."""
+    picked = {}
+    for epoch in range(first // steps_per_epoch, -(-last // steps_per_epoch)):
+        batches = batch_order(train_set, config.batch_size, config.seed, epoch)
+        offset = epoch * steps_per_epoch
+        for batch in batches[max(first - offset, 0):last - offset]:
+            picked.update(dict.fromkeys(process_share(batch, rank, world)))
+    return [train_set[i] for i in picked]
 
 
 def _out_of_time(accelerator, here: bool) -> bool:
