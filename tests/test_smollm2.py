@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from conftest import hf_greedy
@@ -16,7 +19,7 @@ from ctcspec.decoding import eos_ids
 from ctcspec.drafters import DRAFTERS, MODULE_KIND, make_drafter
 from ctcspec.engine import SpeculativeEngine
 from ctcspec.errors import CtcspecError
-from ctcspec.models import DEFAULT_MODEL, load_model
+from ctcspec.models import DEFAULT_MODEL, load_model, publish_directory
 from ctcspec.modules.files import shipped_drafter_dir
 from ctcspec.native_linear import native_problem
 from ctcspec.prompts import encode_chat
@@ -121,3 +124,38 @@ def test_shipped_drafters_load_for_smollm2_in_half_precision_where_only_plain_de
         assert next(drafter.module.parameters()).dtype == half.model.dtype
         with pytest.raises(CtcspecError, match=f"{dtype} on the CPU"):
             SpeculativeEngine(half.model, drafter)
+
+
+def test_processes_exporting_the_embedded_model_at_once_all_succeed(smollm2, tmp_path):
+    """Two benchmarks started together on a fresh machine both export the embedded GGUF; neither may break the
+    other's export, and the directory left is the whole model."""
+    env = {**os.environ, "CTCSPEC_HOME": str(tmp_path)}
+    code = "from ctcspec.models import DEFAULT_MODEL, resolve_model_dir; print(resolve_model_dir(DEFAULT_MODEL))"
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=900) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-400:] for _, err in outputs]
+    target = tmp_path / "models" / DEFAULT_MODEL
+    assert {out.strip() for out, _ in outputs} == {str(target)}
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [DEFAULT_MODEL]  # no staging left behind
+    exported = safetensors.torch.load_file(target / "model.safetensors")
+    own = smollm2.model.state_dict()
+    assert torch.equal(exported["model.embed_tokens.weight"], own["model.embed_tokens.weight"])
+
+
+def test_a_finished_export_is_kept_and_an_unfinished_one_replaced(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # unfinished: no weights
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (staging / name).write_text("mine")
+    publish_directory(staging, target)
+    assert (target / "model.safetensors").read_text() == "mine" and not staging.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_text("theirs")
+    publish_directory(other, target)  # a whole model is already there: it stays
+    assert (target / "model.safetensors").read_text() == "mine" and other.exists()

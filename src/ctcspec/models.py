@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,9 +169,13 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def _embedded_default_dir() -> Path:
     target = ctcspec_home() / "models" / DEFAULT_MODEL
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_model_dir(target):
         return target
     gguf = embedded_gguf()
     log.info("exporting %s to %s once (about a minute)", gguf.name, target)
@@ -180,7 +185,8 @@ def _embedded_default_dir() -> Path:
 
 
 def export_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF checkpoint to an fp32 safetensors model directory (atomic rename at the end)."""
+    """Dequantise a GGUF checkpoint to an fp32 safetensors model directory, written under a per-process name and
+    renamed into place, so processes exporting it at once (two benchmarks on a fresh machine) all succeed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -192,11 +198,25 @@ def export_gguf(gguf: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    staging = target.with_name(target.name + ".partial")
+    staging = target.with_name(f"{target.name}.{os.getpid()}.partial")  # per process: exports may run at once
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "ctcspec_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "ctcspec_source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+        publish_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Move a finished model directory into place. A complete one already there (another process's export of the
+    same file) wins and `staging` is left for the caller to remove; an incomplete one is replaced."""
+    if target.exists() and not _is_model_dir(target):  # renames are atomic: only an older version leaves this
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        staging.rename(target)
+    except OSError:  # a directory is there: another export renamed its own first
+        if not _is_model_dir(target):
+            raise
